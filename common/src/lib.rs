@@ -1,0 +1,149 @@
+//! State shared by Ferry's eBPF programs and the agent.
+//!
+//! Every type here is `#[repr(C)]`, padded explicitly and free of implicit holes, because the kernel
+//! compares map keys byte by byte: an uninitialised padding byte would make two equal keys differ.
+//! Map layouts are versioned through [`MAP_LAYOUT_VERSION`], stored in the pinned `FERRY_META` map, so an
+//! agent can tell whether the pinned state an older agent left matches its own layout.
+#![no_std]
+
+/// Bumped whenever a pinned map's key or value layout changes.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Address family tags carried in keys (the kernel's `AF_INET` / `AF_INET6`).
+pub const FAMILY_V4: u16 = 2;
+pub const FAMILY_V6: u16 = 10;
+
+/// Socket kinds the agent registers per pod network namespace in `FERRY_SOCKETS`.
+pub const SOCK_KIND_INBOUND: u32 = 0;
+pub const SOCK_KIND_HBONE: u32 = 1;
+
+/// Names of the maps, as pinned under `<bpffs root>/maps/`.
+pub mod maps {
+    pub const META: &str = "FERRY_META";
+    pub const SETTINGS: &str = "FERRY_SETTINGS";
+    pub const ENROLLED: &str = "FERRY_ENROLLED";
+    pub const ORIG_BY_COOKIE: &str = "FERRY_ORIG_BY_COOKIE";
+    pub const ORIG_BY_TUPLE: &str = "FERRY_ORIG_BY_TUPLE";
+    pub const EXCLUDE_PORTS: &str = "FERRY_EXCLUDE_PORTS";
+    pub const INBOUND_EXCLUDE_PORTS: &str = "FERRY_IN_EXCLUDE_PORTS";
+    pub const EXCLUDE_V4: &str = "FERRY_EXCLUDE_V4";
+    pub const EXCLUDE_V6: &str = "FERRY_EXCLUDE_V6";
+    pub const SOCKETS: &str = "FERRY_SOCKETS";
+    pub const COUNTERS: &str = "FERRY_COUNTERS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    pub const CONNECT4: &str = "ferry_connect4";
+    pub const CONNECT6: &str = "ferry_connect6";
+    pub const GETPEERNAME4: &str = "ferry_getpeername4";
+    pub const GETPEERNAME6: &str = "ferry_getpeername6";
+    pub const SOCKOPS: &str = "ferry_sockops";
+    pub const SK_LOOKUP: &str = "ferry_sk_lookup";
+}
+
+/// Node-wide settings the agent writes once into `FERRY_SETTINGS[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Port of the agent's outbound listener on loopback inside every enrolled pod netns.
+    pub outbound_port: u16,
+    /// Port whose inbound connections go to the HBONE socket rather than the plaintext one.
+    pub hbone_port: u16,
+    pub _pad: u32,
+}
+
+/// Value of `FERRY_ENROLLED`, keyed by the pod's cgroup id (the inode of its cgroup v2 directory).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodEntry {
+    /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
+}
+
+/// An IP address in network byte order, IPv4 in the first word. `family` says which.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RawAddr {
+    pub addr: [u32; 4],
+    /// Port in host byte order.
+    pub port: u16,
+    pub family: u16,
+}
+
+/// Original destination of a captured connect, as the app dialled it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Netns of the socket that connected: keys the tuple map so pods that reuse addresses never collide.
+    pub netns_cookie: u64,
+    pub dst: RawAddr,
+    pub _pad: u32,
+}
+
+/// Key of `FERRY_ORIG_BY_TUPLE`: the captured socket's local address within its netns, which is the
+/// peer address the agent sees on `accept()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns_cookie: u64,
+    pub local: RawAddr,
+    pub _pad: u32,
+}
+
+/// Key of `FERRY_SOCKETS`: which of the agent's listeners in which pod netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    pub netns_cookie: u64,
+    pub kind: u32,
+    pub family: u32,
+}
+
+/// Indices of the per-CPU counters in `FERRY_COUNTERS`.
+pub mod counters {
+    pub const OUTBOUND_CAPTURED: u32 = 0;
+    pub const OUTBOUND_BYPASSED: u32 = 1;
+    pub const INBOUND_STEERED: u32 = 2;
+    pub const INBOUND_DROPPED_NO_AGENT: u32 = 3;
+    pub const INBOUND_BYPASSED: u32 = 4;
+    pub const ORIG_DST_RECORDED: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "outbound_captured",
+        "outbound_bypassed",
+        "inbound_steered",
+        "inbound_dropped_no_agent",
+        "inbound_bypassed",
+        "orig_dst_recorded",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are plain-old-data #[repr(C)] structs without implicit padding.
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for PodEntry {}
+    unsafe impl aya::Pod for RawAddr {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for SocketKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // The kernel sees these sizes; a hole would make keys compare unequal.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Settings>(), 8);
+        assert_eq!(size_of::<PodEntry>(), 8);
+        assert_eq!(size_of::<RawAddr>(), 20);
+        assert_eq!(size_of::<OrigDst>(), 32);
+        assert_eq!(size_of::<TupleKey>(), 32);
+        assert_eq!(size_of::<SocketKey>(), 16);
+    }
+}

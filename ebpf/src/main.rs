@@ -1,0 +1,274 @@
+//! Ferry's capture programs.
+//!
+//! - `cgroup/connect4|6` on the node's cgroup root: a TCP connect from an enrolled pod cgroup (or any
+//!   descendant) is rewritten to the agent's outbound listener on loopback inside the pod's own netns,
+//!   and the original destination is kept under the socket's cookie.
+//! - `sockops` (active established): moves that entry under the socket's (netns, local address), which
+//!   is what the agent sees as the peer on `accept()`.
+//! - `cgroup/getpeername4|6`: the app sees the address it dialled, not the agent.
+//! - `sk_lookup` on each enrolled pod netns: inbound connections arriving from outside the netns go to
+//!   the agent's socket for that netns; with no agent socket they are dropped (fail closed). Connections
+//!   arriving on loopback (the agent's own deliveries, the pod talking to itself) pass.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, sk_action},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+    },
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use ferry_common::{
+    FAMILY_V4, FAMILY_V6, OrigDst, PodEntry, RawAddr, SOCK_KIND_HBONE, SOCK_KIND_INBOUND, Settings,
+    SocketKey, TupleKey, counters,
+};
+
+const IPPROTO_TCP: u32 = 6;
+const LOOPBACK_IFINDEX: u32 = 1;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+/// Deepest cgroup level searched for an enrolled ancestor; kubelet layouts are 4–6 levels deep.
+const MAX_CGROUP_DEPTH: i32 = 24;
+
+#[map(name = "FERRY_META")]
+static FERRY_META: Array<u32> = Array::pinned(1, 0);
+#[map(name = "FERRY_SETTINGS")]
+static FERRY_SETTINGS: Array<Settings> = Array::pinned(1, 0);
+#[map(name = "FERRY_ENROLLED")]
+static FERRY_ENROLLED: HashMap<u64, PodEntry> = HashMap::pinned(16384, 0);
+#[map(name = "FERRY_ORIG_BY_COOKIE")]
+static FERRY_ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
+#[map(name = "FERRY_ORIG_BY_TUPLE")]
+static FERRY_ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(65536, 0);
+#[map(name = "FERRY_EXCLUDE_PORTS")]
+static FERRY_EXCLUDE_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+#[map(name = "FERRY_IN_EXCLUDE_PORTS")]
+static FERRY_IN_EXCLUDE_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+#[map(name = "FERRY_EXCLUDE_V4")]
+static FERRY_EXCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(256, BPF_F_NO_PREALLOC);
+#[map(name = "FERRY_EXCLUDE_V6")]
+static FERRY_EXCLUDE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(256, BPF_F_NO_PREALLOC);
+#[map(name = "FERRY_SOCKETS")]
+static FERRY_SOCKETS: SockHash<SocketKey> = SockHash::pinned(65536, 0);
+#[map(name = "FERRY_COUNTERS")]
+static FERRY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(p) = FERRY_COUNTERS.get_ptr_mut(idx) {
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn settings() -> Option<Settings> {
+    FERRY_SETTINGS.get(0).copied()
+}
+
+/// Whether the calling task sits in an enrolled pod cgroup or below one.
+#[inline(always)]
+fn in_enrolled_pod() -> bool {
+    let mut level = 1;
+    while level < MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        if unsafe { FERRY_ENROLLED.get(&id) }.is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn port_excluded(port: u16) -> bool {
+    unsafe { FERRY_EXCLUDE_PORTS.get(&port) }.is_some()
+}
+
+/// Common tail of connect4/connect6: record the original destination; the caller rewrites.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, dst: RawAddr) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let entry = OrigDst { netns_cookie, dst, _pad: 0 };
+    FERRY_ORIG_BY_COOKIE.insert(&cookie, &entry, BPF_ANY as u64).is_ok()
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return 1;
+    }
+    let ip_be = sa.user_ip4;
+    let ip = u32::from_be(ip_be).to_be_bytes();
+    let port = u16::from_be(sa.user_port as u16);
+    if ip[0] == 127 || !in_enrolled_pod() {
+        return 1;
+    }
+    if port_excluded(port) || FERRY_EXCLUDE_V4.get(Key::new(32, ip)).is_some() {
+        count(counters::OUTBOUND_BYPASSED);
+        return 1;
+    }
+    let Some(s) = settings() else {
+        // Enrolled but never configured: refuse rather than leak.
+        return 0;
+    };
+    let dst = RawAddr { addr: [ip_be, 0, 0, 0], port, family: FAMILY_V4 };
+    if !record(&ctx, dst) {
+        return 0;
+    }
+    sa.user_ip4 = u32::to_be(0x7f00_0001);
+    sa.user_port = u16::to_be(s.outbound_port) as u32;
+    count(counters::OUTBOUND_CAPTURED);
+    1
+}
+
+#[inline(always)]
+fn v6_is_loopback(a: &[u32; 4]) -> bool {
+    let mapped = a[0] == 0 && a[1] == 0 && u32::from_be(a[2]) == 0xffff;
+    (a[0] == 0 && a[1] == 0 && a[2] == 0 && u32::from_be(a[3]) == 1)
+        || (mapped && (u32::from_be(a[3]) >> 24) == 127)
+}
+
+#[inline(always)]
+fn v6_bytes(a: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = u32::from_be(a[i]).to_be_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return 1;
+    }
+    let ip = sa.user_ip6;
+    let port = u16::from_be(sa.user_port as u16);
+    if v6_is_loopback(&ip) || !in_enrolled_pod() {
+        return 1;
+    }
+    let mapped = ip[0] == 0 && ip[1] == 0 && u32::from_be(ip[2]) == 0xffff;
+    let excluded_cidr = if mapped {
+        FERRY_EXCLUDE_V4.get(Key::new(32, u32::from_be(ip[3]).to_be_bytes())).is_some()
+    } else {
+        FERRY_EXCLUDE_V6.get(Key::new(128, v6_bytes(&ip))).is_some()
+    };
+    if port_excluded(port) || excluded_cidr {
+        count(counters::OUTBOUND_BYPASSED);
+        return 1;
+    }
+    let Some(s) = settings() else {
+        return 0;
+    };
+    let dst = RawAddr { addr: ip, port, family: FAMILY_V6 };
+    if !record(&ctx, dst) {
+        return 0;
+    }
+    sa.user_ip6 = [0, 0, 0, u32::to_be(1)];
+    sa.user_port = u16::to_be(s.outbound_port) as u32;
+    count(counters::OUTBOUND_CAPTURED);
+    1
+}
+
+#[sock_ops]
+pub fn ferry_sockops_established(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = (unsafe { FERRY_ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+        return 1;
+    };
+    let family = ctx.family();
+    let local = if family == FAMILY_V4 as u32 {
+        RawAddr { addr: [ctx.local_ip4(), 0, 0, 0], port: ctx.local_port() as u16, family: FAMILY_V4 }
+    } else {
+        RawAddr { addr: ctx.local_ip6(), port: ctx.local_port() as u16, family: FAMILY_V6 }
+    };
+    let key = TupleKey { netns_cookie: orig.netns_cookie, local, _pad: 0 };
+    if FERRY_ORIG_BY_TUPLE.insert(&key, &orig, BPF_ANY as u64).is_ok() {
+        count(counters::ORIG_DST_RECORDED);
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ferry_getpeername4(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(orig) = unsafe { FERRY_ORIG_BY_COOKIE.get(&cookie) } {
+        if orig.dst.family == FAMILY_V4 {
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip4 = orig.dst.addr[0];
+            sa.user_port = u16::to_be(orig.dst.port) as u32;
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn ferry_getpeername6(ctx: SockAddrContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(orig) = unsafe { FERRY_ORIG_BY_COOKIE.get(&cookie) } {
+        if orig.dst.family == FAMILY_V6 {
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip6 = orig.dst.addr;
+            sa.user_port = u16::to_be(orig.dst.port) as u32;
+        }
+    }
+    1
+}
+
+#[sk_lookup]
+pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let lk = unsafe { &*ctx.lookup };
+    if lk.protocol != IPPROTO_TCP || lk.ingress_ifindex == LOOPBACK_IFINDEX {
+        return sk_action::SK_PASS;
+    }
+    let port = lk.local_port as u16;
+    if unsafe { FERRY_IN_EXCLUDE_PORTS.get(&port) }.is_some() {
+        count(counters::INBOUND_BYPASSED);
+        return sk_action::SK_PASS;
+    }
+    let hbone = settings().map(|s| s.hbone_port == port).unwrap_or(false);
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = SocketKey {
+        netns_cookie,
+        kind: if hbone { SOCK_KIND_HBONE } else { SOCK_KIND_INBOUND },
+        family: lk.family,
+    };
+    match FERRY_SOCKETS.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => {
+            count(counters::INBOUND_STEERED);
+            sk_action::SK_PASS
+        }
+        Err(_) => {
+            count(counters::INBOUND_DROPPED_NO_AGENT);
+            sk_action::SK_DROP
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,7 +1,12 @@
 //! Ferry node agent: eBPF capture, SPIFFE identities, mutual TLS, HBONE tunnel, L4 policy.
 //!
 //! Module layering (imports only flow downwards in this list):
-//! `config`, `netns` → `identity` → `tls` → `capture` → `tunnel` → `agent` → `cli`.
+//! `config`, `netns` → `identity` → `tls` → `capture` → `tunnel` → `daemon` → `cli`.
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod identity;
+pub mod netns;
 pub mod tls;
 pub mod tunnel;

@@ -29,6 +29,7 @@ pub mod maps {
     pub const EXCLUDE_V4: &str = "FERRY_EXCLUDE_V4";
     pub const EXCLUDE_V6: &str = "FERRY_EXCLUDE_V6";
     pub const SOCKETS: &str = "FERRY_SOCKETS";
+    pub const DELIVERIES: &str = "FERRY_DELIVERIES";
     pub const COUNTERS: &str = "FERRY_COUNTERS";
 }
 
@@ -38,7 +39,7 @@ pub mod programs {
     pub const CONNECT6: &str = "ferry_connect6";
     pub const GETPEERNAME4: &str = "ferry_getpeername4";
     pub const GETPEERNAME6: &str = "ferry_getpeername6";
-    pub const SOCKOPS: &str = "ferry_sockops";
+    pub const SOCKOPS: &str = "ferry_sockops_established";
     pub const SK_LOOKUP: &str = "ferry_sk_lookup";
 }
 
@@ -91,13 +92,27 @@ pub struct TupleKey {
     pub _pad: u32,
 }
 
-/// Key of `FERRY_SOCKETS`: which of the agent's listeners in which pod netns.
+/// Key of `FERRY_SOCKETS`: which of the agent's listeners serves a pod address.
+///
+/// Keyed by the pod's IP (network order, IPv4 in the first word) because `sk_lookup` programs cannot
+/// learn their netns (`bpf_get_netns_cookie` is not available to them), and a node's pod IPs are
+/// unique on that node; each node has its own maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SocketKey {
-    pub netns_cookie: u64,
+    pub addr: [u32; 4],
     pub kind: u32,
     pub family: u32,
+}
+
+/// Key of `FERRY_DELIVERIES`: a connection the agent itself is opening to an app inside a pod netns,
+/// which `sk_lookup` must let through. A local connection to the pod's own IP is seen by `sk_lookup` with
+/// the IP's device (not loopback) as its ingress, so the agent announces each delivery's addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    pub src: RawAddr,
+    pub dst: RawAddr,
 }
 
 /// Indices of the per-CPU counters in `FERRY_COUNTERS`.
@@ -108,7 +123,8 @@ pub mod counters {
     pub const INBOUND_DROPPED_NO_AGENT: u32 = 3;
     pub const INBOUND_BYPASSED: u32 = 4;
     pub const ORIG_DST_RECORDED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    pub const INBOUND_DELIVERY_PASSED: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const NAMES: [&str; COUNT as usize] = [
         "outbound_captured",
         "outbound_bypassed",
@@ -116,6 +132,7 @@ pub mod counters {
         "inbound_dropped_no_agent",
         "inbound_bypassed",
         "orig_dst_recorded",
+        "inbound_delivery_passed",
     ];
 }
 
@@ -129,6 +146,7 @@ mod user {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for SocketKey {}
+    unsafe impl aya::Pod for DeliveryKey {}
 }
 
 #[cfg(test)]
@@ -144,6 +162,7 @@ mod tests {
         assert_eq!(size_of::<RawAddr>(), 20);
         assert_eq!(size_of::<OrigDst>(), 32);
         assert_eq!(size_of::<TupleKey>(), 32);
-        assert_eq!(size_of::<SocketKey>(), 16);
+        assert_eq!(size_of::<SocketKey>(), 24);
+        assert_eq!(size_of::<DeliveryKey>(), 40);
     }
 }

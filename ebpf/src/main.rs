@@ -12,19 +12,19 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, sk_action},
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-    },
+    EbpfContext,
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, bpf_sock_addr, sk_action},
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
-    EbpfContext,
 };
 use ferry_common::{
-    FAMILY_V4, FAMILY_V6, OrigDst, PodEntry, RawAddr, SOCK_KIND_HBONE, SOCK_KIND_INBOUND, Settings,
-    SocketKey, TupleKey, counters,
+    DeliveryKey, FAMILY_V4, FAMILY_V6, OrigDst, PodEntry, RawAddr, SOCK_KIND_HBONE,
+    SOCK_KIND_INBOUND, Settings, SocketKey, TupleKey, counters,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -53,6 +53,8 @@ static FERRY_EXCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(256, BPF_F_NO_PR
 static FERRY_EXCLUDE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(256, BPF_F_NO_PREALLOC);
 #[map(name = "FERRY_SOCKETS")]
 static FERRY_SOCKETS: SockHash<SocketKey> = SockHash::pinned(65536, 0);
+#[map(name = "FERRY_DELIVERIES")]
+static FERRY_DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(65536, 0);
 #[map(name = "FERRY_COUNTERS")]
 static FERRY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 
@@ -85,6 +87,30 @@ fn in_enrolled_pod() -> bool {
     false
 }
 
+/// Context fields must be accessed as whole 32-bit words: an array copy compiles to a byte-wise memcpy
+/// the verifier rejects on a context pointer.
+#[inline(always)]
+fn read_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
+    unsafe {
+        [
+            read_volatile(&sa.user_ip6[0]),
+            read_volatile(&sa.user_ip6[1]),
+            read_volatile(&sa.user_ip6[2]),
+            read_volatile(&sa.user_ip6[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_ip6(sa: &mut bpf_sock_addr, ip: [u32; 4]) {
+    unsafe {
+        write_volatile(&mut sa.user_ip6[0], ip[0]);
+        write_volatile(&mut sa.user_ip6[1], ip[1]);
+        write_volatile(&mut sa.user_ip6[2], ip[2]);
+        write_volatile(&mut sa.user_ip6[3], ip[3]);
+    }
+}
+
 #[inline(always)]
 fn port_excluded(port: u16) -> bool {
     unsafe { FERRY_EXCLUDE_PORTS.get(&port) }.is_some()
@@ -95,8 +121,14 @@ fn port_excluded(port: u16) -> bool {
 fn record(ctx: &SockAddrContext, dst: RawAddr) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let entry = OrigDst { netns_cookie, dst, _pad: 0 };
-    FERRY_ORIG_BY_COOKIE.insert(&cookie, &entry, BPF_ANY as u64).is_ok()
+    let entry = OrigDst {
+        netns_cookie,
+        dst,
+        _pad: 0,
+    };
+    FERRY_ORIG_BY_COOKIE
+        .insert(&cookie, &entry, BPF_ANY as u64)
+        .is_ok()
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -119,7 +151,11 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
         // Enrolled but never configured: refuse rather than leak.
         return 0;
     };
-    let dst = RawAddr { addr: [ip_be, 0, 0, 0], port, family: FAMILY_V4 };
+    let dst = RawAddr {
+        addr: [ip_be, 0, 0, 0],
+        port,
+        family: FAMILY_V4,
+    };
     if !record(&ctx, dst) {
         return 0;
     }
@@ -157,14 +193,16 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     if sa.protocol != IPPROTO_TCP {
         return 1;
     }
-    let ip = sa.user_ip6;
+    let ip = read_ip6(sa);
     let port = u16::from_be(sa.user_port as u16);
     if v6_is_loopback(&ip) || !in_enrolled_pod() {
         return 1;
     }
     let mapped = ip[0] == 0 && ip[1] == 0 && u32::from_be(ip[2]) == 0xffff;
     let excluded_cidr = if mapped {
-        FERRY_EXCLUDE_V4.get(Key::new(32, u32::from_be(ip[3]).to_be_bytes())).is_some()
+        FERRY_EXCLUDE_V4
+            .get(Key::new(32, u32::from_be(ip[3]).to_be_bytes()))
+            .is_some()
     } else {
         FERRY_EXCLUDE_V6.get(Key::new(128, v6_bytes(&ip))).is_some()
     };
@@ -175,11 +213,15 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     let Some(s) = settings() else {
         return 0;
     };
-    let dst = RawAddr { addr: ip, port, family: FAMILY_V6 };
+    let dst = RawAddr {
+        addr: ip,
+        port,
+        family: FAMILY_V6,
+    };
     if !record(&ctx, dst) {
         return 0;
     }
-    sa.user_ip6 = [0, 0, 0, u32::to_be(1)];
+    write_ip6(sa, [0, 0, 0, u32::to_be(1)]);
     sa.user_port = u16::to_be(s.outbound_port) as u32;
     count(counters::OUTBOUND_CAPTURED);
     1
@@ -196,12 +238,36 @@ pub fn ferry_sockops_established(ctx: SockOpsContext) -> u32 {
     };
     let family = ctx.family();
     let local = if family == FAMILY_V4 as u32 {
-        RawAddr { addr: [ctx.local_ip4(), 0, 0, 0], port: ctx.local_port() as u16, family: FAMILY_V4 }
+        RawAddr {
+            addr: [ctx.local_ip4(), 0, 0, 0],
+            port: ctx.local_port() as u16,
+            family: FAMILY_V4,
+        }
     } else {
-        RawAddr { addr: ctx.local_ip6(), port: ctx.local_port() as u16, family: FAMILY_V6 }
+        let ops = unsafe { &*ctx.ops };
+        let addr = unsafe {
+            [
+                read_volatile(&ops.local_ip6[0]),
+                read_volatile(&ops.local_ip6[1]),
+                read_volatile(&ops.local_ip6[2]),
+                read_volatile(&ops.local_ip6[3]),
+            ]
+        };
+        RawAddr {
+            addr,
+            port: ctx.local_port() as u16,
+            family: FAMILY_V6,
+        }
     };
-    let key = TupleKey { netns_cookie: orig.netns_cookie, local, _pad: 0 };
-    if FERRY_ORIG_BY_TUPLE.insert(&key, &orig, BPF_ANY as u64).is_ok() {
+    let key = TupleKey {
+        netns_cookie: orig.netns_cookie,
+        local,
+        _pad: 0,
+    };
+    if FERRY_ORIG_BY_TUPLE
+        .insert(&key, &orig, BPF_ANY as u64)
+        .is_ok()
+    {
         count(counters::ORIG_DST_RECORDED);
     }
     1
@@ -226,7 +292,7 @@ pub fn ferry_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = unsafe { FERRY_ORIG_BY_COOKIE.get(&cookie) } {
         if orig.dst.family == FAMILY_V6 {
             let sa = unsafe { &mut *ctx.sock_addr };
-            sa.user_ip6 = orig.dst.addr;
+            write_ip6(sa, orig.dst.addr);
             sa.user_port = u16::to_be(orig.dst.port) as u32;
         }
     }
@@ -244,11 +310,58 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
         count(counters::INBOUND_BYPASSED);
         return sk_action::SK_PASS;
     }
+    let v4 = lk.family == FAMILY_V4 as u32;
+    let (local, remote) = if v4 {
+        unsafe {
+            (
+                [read_volatile(&lk.local_ip4), 0, 0, 0],
+                [read_volatile(&lk.remote_ip4), 0, 0, 0],
+            )
+        }
+    } else {
+        unsafe {
+            (
+                [
+                    read_volatile(&lk.local_ip6[0]),
+                    read_volatile(&lk.local_ip6[1]),
+                    read_volatile(&lk.local_ip6[2]),
+                    read_volatile(&lk.local_ip6[3]),
+                ],
+                [
+                    read_volatile(&lk.remote_ip6[0]),
+                    read_volatile(&lk.remote_ip6[1]),
+                    read_volatile(&lk.remote_ip6[2]),
+                    read_volatile(&lk.remote_ip6[3]),
+                ],
+            )
+        }
+    };
+    let family = if v4 { FAMILY_V4 } else { FAMILY_V6 };
+    let delivery = DeliveryKey {
+        src: RawAddr {
+            addr: remote,
+            port: u16::from_be(lk.remote_port),
+            family,
+        },
+        dst: RawAddr {
+            addr: local,
+            port,
+            family,
+        },
+    };
+    if unsafe { FERRY_DELIVERIES.get(&delivery) }.is_some() {
+        count(counters::INBOUND_DELIVERY_PASSED);
+        return sk_action::SK_PASS;
+    }
     let hbone = settings().map(|s| s.hbone_port == port).unwrap_or(false);
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let addr = local;
     let key = SocketKey {
-        netns_cookie,
-        kind: if hbone { SOCK_KIND_HBONE } else { SOCK_KIND_INBOUND },
+        addr,
+        kind: if hbone {
+            SOCK_KIND_HBONE
+        } else {
+            SOCK_KIND_INBOUND
+        },
         family: lk.family,
     };
     match FERRY_SOCKETS.redirect_sk_lookup(&ctx, key, 0) {

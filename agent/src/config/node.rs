@@ -1,0 +1,218 @@
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::{ConfigError, parse_yaml, read_file};
+
+/// What the agent does with inbound plaintext connections from outside the mesh.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    /// Refused and counted: only HBONE reaches mesh pods.
+    #[default]
+    Strict,
+    /// Delivered to the app, as plain TCP.
+    Permissive,
+}
+
+/// What the agent does with captured connections to destinations outside the mesh.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboundUnknown {
+    /// Connected from inside the source pod's netns, as the app would have without a mesh.
+    #[default]
+    Passthrough,
+    Refuse,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ports {
+    /// The agent's outbound listener, on loopback inside every enrolled pod netns.
+    pub outbound: u16,
+    /// The agent's plaintext inbound listener, on loopback inside every enrolled pod netns.
+    pub inbound: u16,
+    pub hbone: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            outbound: 15001,
+            inbound: 15006,
+            hbone: 15008,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Outbound destination ports never captured.
+    pub exclude_ports: Vec<u16>,
+    /// Outbound destination networks never captured.
+    pub exclude_cidrs: Vec<IpNet>,
+    /// Inbound ports passed straight to the app (e.g. probes) — plaintext, so choose with care.
+    pub inbound_exclude_ports: Vec<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNodeConfig {
+    node: String,
+    #[serde(default = "default_bpffs_root")]
+    bpffs_root: PathBuf,
+    #[serde(default = "default_cgroup_root")]
+    cgroup_root: PathBuf,
+    workloads: PathBuf,
+    #[serde(default)]
+    inbound: InboundMode,
+    #[serde(default)]
+    outbound_unknown: OutboundUnknown,
+    #[serde(default)]
+    ports: Ports,
+    #[serde(default)]
+    capture: CaptureConfig,
+}
+
+fn default_bpffs_root() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/ferry")
+}
+
+fn default_cgroup_root() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup/unified")
+}
+
+/// The validated node config. Relative paths in the file are resolved against the file's directory.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeConfig {
+    pub path: PathBuf,
+    pub node: String,
+    pub bpffs_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub workloads: PathBuf,
+    pub inbound: InboundMode,
+    pub outbound_unknown: OutboundUnknown,
+    pub ports: Ports,
+    pub capture: CaptureConfig,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(path, &read_file(path)?)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawNodeConfig = parse_yaml(path, text)?;
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        if !is_dns_label(&raw.node) {
+            return Err(invalid(
+                "node",
+                format!(
+                    "{:?} is not a valid node name (lowercase letters, digits, '-', '.')",
+                    raw.node
+                ),
+            ));
+        }
+        let p = raw.ports;
+        for (field, port) in [
+            ("ports.outbound", p.outbound),
+            ("ports.inbound", p.inbound),
+            ("ports.hbone", p.hbone),
+        ] {
+            if port == 0 {
+                return Err(invalid(field, "port 0 is not allowed".into()));
+            }
+        }
+        if p.outbound == p.inbound || p.outbound == p.hbone || p.inbound == p.hbone {
+            return Err(invalid(
+                "ports",
+                "outbound, inbound and hbone ports must differ".into(),
+            ));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        for (field, dir) in [
+            ("bpffs_root", &raw.bpffs_root),
+            ("cgroup_root", &raw.cgroup_root),
+        ] {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    field,
+                    format!("{} must be an absolute path", dir.display()),
+                ));
+            }
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            node: raw.node,
+            bpffs_root: raw.bpffs_root,
+            cgroup_root: raw.cgroup_root,
+            workloads: abs(raw.workloads),
+            inbound: raw.inbound,
+            outbound_unknown: raw.outbound_unknown,
+            ports: raw.ports,
+            capture: raw.capture,
+        })
+    }
+}
+
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse(Path::new("/etc/ferry/node.yaml"), text)
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults_and_resolves_relative_paths() {
+        let c = parse("node: n1\nworkloads: workloads.yaml\n").unwrap();
+        assert_eq!(c.workloads, PathBuf::from("/etc/ferry/workloads.yaml"));
+        assert_eq!(c.bpffs_root, PathBuf::from("/sys/fs/bpf/ferry"));
+        assert_eq!(c.inbound, InboundMode::Strict);
+        assert_eq!(c.ports.hbone, 15008);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let err = parse("node: n1\nworkloads: w.yaml\ncapture:\n  exclude_prots: [22]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/ferry/node.yaml"), "{err}");
+        assert!(err.contains("exclude_prots"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_field() {
+        let err = parse("node: n1\nworkloads: w\ncapture:\n  exclude_cidrs: [10.0.0.0/33]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4"), "{err}");
+        let err = parse("node: N_1\nworkloads: w\n").unwrap_err().to_string();
+        assert!(err.contains("node:"), "{err}");
+        let err = parse("node: n\nworkloads: w\nports: {outbound: 15008}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ports"), "{err}");
+        let err = parse("node: n\nworkloads: w\ninbound: open\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inbound") && err.contains("line 3"), "{err}");
+    }
+}

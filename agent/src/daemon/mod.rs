@@ -1,0 +1,298 @@
+//! The agent process: loads config, opens capture, keeps pods enrolled as the workloads file changes,
+//! and runs the connection handlers until told to stop.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    task::JoinHandle,
+};
+
+use crate::{
+    capture::{Capture, EnrolledPod, PodAddrs, PodListeners},
+    config::{LocalPod, NodeConfig, WorkloadSet},
+    tunnel::{PodCtx, inbound, outbound},
+};
+
+/// How often the workloads file is checked for changes. Polling the content (not inotify) also follows
+/// the kubelet's symlink swap of a mounted ConfigMap.
+const RELOAD_INTERVAL: Duration = Duration::from_millis(300);
+/// How long in-flight connections may take to finish after SIGTERM.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Capture(#[from] crate::capture::CaptureError),
+    #[error("installing a signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// What a running pod was enrolled with; a change re-enrolls it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodSpec {
+    local: LocalPod,
+    ips: Vec<std::net::IpAddr>,
+}
+
+struct RunningPod {
+    spec: PodSpec,
+    enrolled: EnrolledPod,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Daemon {
+    cfg: Arc<NodeConfig>,
+    capture: Arc<Capture>,
+    pods: HashMap<String, RunningPod>,
+    /// Last enroll error per pod, so a pod that keeps failing is logged once per distinct error.
+    failing: HashMap<String, String>,
+    workloads: Arc<WorkloadSet>,
+    /// One clone per live connection: its count tells when draining is done.
+    inflight: Arc<()>,
+}
+
+pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let cfg = Arc::new(NodeConfig::load(config_path)?);
+    let capture = Arc::new(Capture::open(&cfg)?);
+    tracing::info!(
+        node = %cfg.node,
+        bpffs_root = %cfg.bpffs_root.display(),
+        cgroup_root = %cfg.cgroup_root.display(),
+        reopened = capture.reopened,
+        "capture attached"
+    );
+    let mut workloads_text = crate::config::read_file(&cfg.workloads)?;
+    let workloads = WorkloadSet::parse(&cfg.workloads, &workloads_text, &cfg.node)?;
+    let mut daemon = Daemon {
+        cfg: cfg.clone(),
+        capture,
+        pods: HashMap::new(),
+        failing: HashMap::new(),
+        workloads: Arc::new(workloads),
+        inflight: Arc::new(()),
+    };
+    daemon.reconcile();
+    tracing::info!(pods = daemon.pods.len(), "ready");
+
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                match crate::config::read_file(&cfg.workloads) {
+                    Ok(text) if text != workloads_text => {
+                        match WorkloadSet::parse(&cfg.workloads, &text, &cfg.node) {
+                            Ok(set) => {
+                                daemon.workloads = Arc::new(set);
+                                tracing::info!(workloads = daemon.workloads.len(), "workloads reloaded");
+                            }
+                            Err(e) => tracing::error!(error = %e, "workloads file rejected; keeping the last good one"),
+                        }
+                        workloads_text = text;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "workloads file unreadable; keeping the last good one"),
+                }
+                daemon.reconcile();
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    daemon.shutdown().await;
+    Ok(())
+}
+
+impl Daemon {
+    /// Brings enrolled pods in line with the workloads: enrolls new or changed ones, un-enrolls gone
+    /// ones, and retries pods whose enrollment failed (their netns may not exist yet).
+    fn reconcile(&mut self) {
+        let desired: HashMap<String, PodSpec> = self
+            .workloads
+            .local()
+            .map(|(w, l)| {
+                let spec = PodSpec {
+                    local: l.clone(),
+                    ips: w.ips.clone(),
+                };
+                (w.key(), spec)
+            })
+            .collect();
+        let gone: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(k, p)| desired.get(*k) != Some(&p.spec))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            if let Some(pod) = self.pods.remove(&key) {
+                self.stop_pod(&key, pod);
+            }
+        }
+        for (key, spec) in &desired {
+            if self.pods.contains_key(key) {
+                continue;
+            }
+            match self.start_pod(key, spec) {
+                Ok(pod) => {
+                    self.failing.remove(key);
+                    tracing::info!(
+                        pod = %key,
+                        netns_cookie = pod.enrolled.netns_cookie,
+                        cgroup_id = pod.enrolled.cgroup_id,
+                        "pod enrolled"
+                    );
+                    self.pods.insert(key.clone(), pod);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.failing.get(key) != Some(&msg) {
+                        tracing::error!(pod = %key, error = %msg, "cannot enroll pod; will retry");
+                        self.failing.insert(key.clone(), msg);
+                    }
+                }
+            }
+        }
+        self.failing
+            .retain(|k, _| desired.contains_key(k) && !self.pods.contains_key(k));
+        // Keep the kernel state of pods we want but could not enroll: their traffic stays captured and
+        // so fails closed instead of leaking.
+        let keep: Vec<u64> = desired
+            .values()
+            .filter_map(|p| std::fs::metadata(&p.local.cgroup).ok())
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .collect();
+        for id in self.capture.unenroll_stale(&keep) {
+            tracing::info!(cgroup_id = id, "stale enrollment removed");
+        }
+    }
+
+    fn start_pod(&self, key: &str, spec: &PodSpec) -> Result<RunningPod, DaemonError> {
+        let addrs = PodAddrs {
+            local: &spec.local,
+            ips: &spec.ips,
+        };
+        let (enrolled, listeners) =
+            self.capture
+                .enroll(&addrs, &self.cfg.ports, &self.cfg.cgroup_root)?;
+        let ctx = Arc::new(PodCtx {
+            name: key.to_owned(),
+            netns: enrolled.netns.clone(),
+        });
+        let PodListeners {
+            outbound,
+            inbound,
+            hbone: _,
+        } = listeners;
+        let mut tasks = Vec::new();
+        for l in outbound {
+            let (ctx, capture, cfg, inflight) = (
+                ctx.clone(),
+                self.capture.clone(),
+                self.cfg.clone(),
+                self.inflight.clone(),
+            );
+            let cookie = enrolled.netns_cookie;
+            tasks.push(spawn_accept(l, ctx.name.clone(), move |stream, peer| {
+                let (ctx, capture, cfg, guard) =
+                    (ctx.clone(), capture.clone(), cfg.clone(), inflight.clone());
+                async move {
+                    let orig = capture.take_orig_dst(cookie, peer);
+                    outbound::handle(&ctx, cfg.outbound_unknown, stream, peer, orig).await;
+                    drop(guard);
+                }
+            }));
+        }
+        for l in inbound {
+            let (ctx, capture, cfg, inflight) = (
+                ctx.clone(),
+                self.capture.clone(),
+                self.cfg.clone(),
+                self.inflight.clone(),
+            );
+            tasks.push(spawn_accept(l, ctx.name.clone(), move |stream, peer| {
+                let (ctx, capture, cfg, guard) =
+                    (ctx.clone(), capture.clone(), cfg.clone(), inflight.clone());
+                async move {
+                    inbound::handle_plaintext(&capture, &ctx, cfg.inbound, stream, peer).await;
+                    drop(guard);
+                }
+            }));
+        }
+        Ok(RunningPod {
+            spec: spec.clone(),
+            enrolled,
+            tasks,
+        })
+    }
+
+    fn stop_pod(&self, key: &str, pod: RunningPod) {
+        if let Err(e) = self.capture.unenroll(&pod.enrolled) {
+            tracing::error!(pod = %key, error = %e, "un-enrolling pod");
+        }
+        for t in pod.tasks {
+            t.abort();
+        }
+        tracing::info!(pod = %key, "pod un-enrolled");
+    }
+
+    /// Stops accepting (capture stays attached, so new connections fail closed), lets in-flight
+    /// connections finish until the deadline, then returns; pinned state stays for the next agent.
+    async fn shutdown(self) {
+        for pod in self.pods.values() {
+            for t in &pod.tasks {
+                t.abort();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        while Arc::strong_count(&self.inflight) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(
+            unfinished = Arc::strong_count(&self.inflight) - 1,
+            "agent stopped"
+        );
+    }
+}
+
+fn spawn_accept<F, Fut>(listener: std::net::TcpListener, pod: String, handler: F) -> JoinHandle<()>
+where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(pod = %pod, error = %e, "cannot register listener");
+                return;
+            }
+        };
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    tokio::spawn(handler(stream, peer));
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: back off instead of spinning.
+                    tracing::warn!(pod = %pod, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Default location of the node config.
+pub fn default_config() -> PathBuf {
+    PathBuf::from("/etc/ferry/node.yaml")
+}

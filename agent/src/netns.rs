@@ -1,0 +1,187 @@
+//! Running socket syscalls inside another network namespace.
+//!
+//! A socket belongs to the netns it was created in, whatever thread later uses it. So the agent, one
+//! process in the node's netns, switches the calling thread into a pod's netns only for the `socket()`
+//! call and switches straight back: a few syscalls, no thread per pod.
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// An open handle on a network namespace.
+#[derive(Clone, Debug)]
+pub struct Netns {
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{path} is not a network namespace")]
+    NotNetns { path: PathBuf },
+    #[error("cannot enter network namespace {path}: {source}")]
+    Enter { path: PathBuf, source: nix::Error },
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let ns = Self {
+            file: Arc::new(file),
+            path: path.to_owned(),
+        };
+        // Entering and leaving once proves it is a netns before anything depends on it.
+        ns.run(|| Ok(())).map_err(|e| match e {
+            RunError::Enter(NetnsError::Enter {
+                source: nix::Error::EINVAL,
+                ..
+            }) => NetnsError::NotNetns {
+                path: path.to_owned(),
+            },
+            RunError::Enter(e) => e,
+            RunError::Inner(_) => unreachable!("closure returns Ok"),
+        })?;
+        Ok(ns)
+    }
+
+    /// The netns of the calling thread.
+    pub fn current() -> Result<Self, NetnsError> {
+        let path = PathBuf::from("/proc/thread-self/ns/net");
+        let file = File::open(&path).map_err(|source| NetnsError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            file: Arc::new(file),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the calling thread inside this netns, then returns the thread to its own netns.
+    pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> Result<T, RunError> {
+        let home = File::open("/proc/thread-self/ns/net").map_err(|source| {
+            RunError::Enter(NetnsError::Open {
+                path: "/proc/thread-self/ns/net".into(),
+                source,
+            })
+        })?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+            RunError::Enter(NetnsError::Enter {
+                path: self.path.clone(),
+                source,
+            })
+        })?;
+        let out = f();
+        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A thread left in a pod's netns would open later sockets in the wrong place: there is no
+            // safe way to continue.
+            tracing::error!(error = %e, "cannot return to the agent's network namespace; aborting");
+            std::process::abort();
+        }
+        out.map_err(RunError::Inner)
+    }
+
+    /// A TCP socket (not yet bound or connected) that lives in this netns.
+    pub fn tcp_socket(&self, v6: bool) -> Result<socket2::Socket, RunError> {
+        let domain = if v6 {
+            socket2::Domain::IPV6
+        } else {
+            socket2::Domain::IPV4
+        };
+        self.run(|| {
+            let s = socket2::Socket::new(
+                domain,
+                socket2::Type::STREAM.cloexec(),
+                Some(socket2::Protocol::TCP),
+            )?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Enter(#[from] NetnsError),
+    #[error(transparent)]
+    Inner(io::Error),
+}
+
+impl From<RunError> for io::Error {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Inner(e) => e,
+            RunError::Enter(e) => io::Error::other(e),
+        }
+    }
+}
+
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The kernel's cookie of the netns a socket lives in: the same value eBPF's `bpf_get_netns_cookie`
+/// returns for sockets of that netns.
+pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe a valid u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Duplicates a descriptor so a std socket can be handed to tokio while the original stays elsewhere.
+pub fn dup(fd: &impl AsFd) -> io::Result<OwnedFd> {
+    fd.as_fd().try_clone_to_owned()
+}
+
+/// Wraps a raw descriptor we own.
+///
+/// # Safety
+/// `fd` must be an open descriptor owned by nobody else.
+pub unsafe fn owned(fd: i32) -> OwnedFd {
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_a_netns_is_named() {
+        let err = Netns::open(Path::new("/proc/self/ns/uts"));
+        match err {
+            Err(NetnsError::NotNetns { path }) => assert_eq!(path, Path::new("/proc/self/ns/uts")),
+            Err(NetnsError::Enter { .. }) => {} // not root: cannot tell, but it still failed cleanly
+            other => panic!("expected an error, got {other:?}"),
+        }
+        let err = Netns::open(Path::new("/nonexistent/netns"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/netns"), "{err}");
+    }
+}

@@ -1,0 +1,86 @@
+//! One proxied connection's record: written to the access log when it closes.
+use std::{net::SocketAddr, time::Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// How a connection ended, as the access log names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Bytes flowed and both sides closed.
+    Closed { sent: u64, received: u64 },
+    /// Refused by Ferry before any byte reached the destination.
+    Refused(String),
+    /// The destination could not be reached.
+    Unreachable(String),
+    /// Failed after being established.
+    Error {
+        sent: u64,
+        received: u64,
+        error: String,
+    },
+}
+
+pub struct ConnRecord {
+    pub direction: Direction,
+    /// `namespace/name` of the pod on this node.
+    pub pod: String,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub route: &'static str,
+    started: Instant,
+}
+
+impl ConnRecord {
+    pub fn new(direction: Direction, pod: String, src: SocketAddr, dst: SocketAddr) -> Self {
+        Self {
+            direction,
+            pod,
+            src,
+            dst,
+            route: "",
+            started: Instant::now(),
+        }
+    }
+
+    pub fn finish(self, outcome: Outcome) {
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let (result, sent, received, reason) = match outcome {
+            Outcome::Closed { sent, received } => ("closed", sent, received, String::new()),
+            Outcome::Refused(r) => ("refused", 0, 0, r),
+            Outcome::Unreachable(r) => ("unreachable", 0, 0, r),
+            Outcome::Error {
+                sent,
+                received,
+                error,
+            } => ("error", sent, received, error),
+        };
+        tracing::info!(
+            target: "ferry::access",
+            direction = self.direction.as_str(),
+            pod = %self.pod,
+            src = %self.src,
+            dst = %self.dst,
+            route = self.route,
+            result,
+            reason = %reason,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms,
+            "connection closed"
+        );
+    }
+}

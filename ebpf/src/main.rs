@@ -79,7 +79,7 @@ fn in_enrolled_pod() -> bool {
         if id == 0 {
             return false;
         }
-        if unsafe { FERRY_ENROLLED.get(&id) }.is_some() {
+        if unsafe { FERRY_ENROLLED.get(id) }.is_some() {
             return true;
         }
         level += 1;
@@ -113,7 +113,7 @@ fn write_ip6(sa: &mut bpf_sock_addr, ip: [u32; 4]) {
 
 #[inline(always)]
 fn port_excluded(port: u16) -> bool {
-    unsafe { FERRY_EXCLUDE_PORTS.get(&port) }.is_some()
+    unsafe { FERRY_EXCLUDE_PORTS.get(port) }.is_some()
 }
 
 /// Common tail of connect4/connect6: record the original destination; the caller rewrites.
@@ -127,7 +127,7 @@ fn record(ctx: &SockAddrContext, dst: RawAddr) -> bool {
         _pad: 0,
     };
     FERRY_ORIG_BY_COOKIE
-        .insert(&cookie, &entry, BPF_ANY as u64)
+        .insert(cookie, entry, BPF_ANY as u64)
         .is_ok()
 }
 
@@ -233,7 +233,7 @@ pub fn ferry_sockops_established(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = (unsafe { FERRY_ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { FERRY_ORIG_BY_COOKIE.get(cookie) }).copied() else {
         return 1;
     };
     let family = ctx.family();
@@ -265,7 +265,7 @@ pub fn ferry_sockops_established(ctx: SockOpsContext) -> u32 {
         _pad: 0,
     };
     if FERRY_ORIG_BY_TUPLE
-        .insert(&key, &orig, BPF_ANY as u64)
+        .insert(key, orig, BPF_ANY as u64)
         .is_ok()
     {
         count(counters::ORIG_DST_RECORDED);
@@ -276,12 +276,12 @@ pub fn ferry_sockops_established(ctx: SockOpsContext) -> u32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn ferry_getpeername4(ctx: SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(orig) = unsafe { FERRY_ORIG_BY_COOKIE.get(&cookie) } {
-        if orig.dst.family == FAMILY_V4 {
-            let sa = unsafe { &mut *ctx.sock_addr };
-            sa.user_ip4 = orig.dst.addr[0];
-            sa.user_port = u16::to_be(orig.dst.port) as u32;
-        }
+    if let Some(orig) = unsafe { FERRY_ORIG_BY_COOKIE.get(cookie) }
+        && orig.dst.family == FAMILY_V4
+    {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = orig.dst.addr[0];
+        sa.user_port = u16::to_be(orig.dst.port) as u32;
     }
     1
 }
@@ -289,12 +289,12 @@ pub fn ferry_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn ferry_getpeername6(ctx: SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(orig) = unsafe { FERRY_ORIG_BY_COOKIE.get(&cookie) } {
-        if orig.dst.family == FAMILY_V6 {
-            let sa = unsafe { &mut *ctx.sock_addr };
-            write_ip6(sa, orig.dst.addr);
-            sa.user_port = u16::to_be(orig.dst.port) as u32;
-        }
+    if let Some(orig) = unsafe { FERRY_ORIG_BY_COOKIE.get(cookie) }
+        && orig.dst.family == FAMILY_V6
+    {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        write_ip6(sa, orig.dst.addr);
+        sa.user_port = u16::to_be(orig.dst.port) as u32;
     }
     1
 }
@@ -306,7 +306,7 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     }
     let port = lk.local_port as u16;
-    if unsafe { FERRY_IN_EXCLUDE_PORTS.get(&port) }.is_some() {
+    if unsafe { FERRY_IN_EXCLUDE_PORTS.get(port) }.is_some() {
         count(counters::INBOUND_BYPASSED);
         return sk_action::SK_PASS;
     }
@@ -349,7 +349,7 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
             family,
         },
     };
-    if unsafe { FERRY_DELIVERIES.get(&delivery) }.is_some() {
+    if unsafe { FERRY_DELIVERIES.get(delivery) }.is_some() {
         count(counters::INBOUND_DELIVERY_PASSED);
         return sk_action::SK_PASS;
     }

@@ -1,1 +1,812 @@
+//! Ferry's test world: "nodes" and "pods" made of network namespaces, veth pairs, bridges and cgroup v2
+//! directories on the real kernel, with real agents running in them.
+//!
+//! - A fabric netns holds a bridge joining the nodes; node `i` has `198.19.0.i` on it and routes every
+//!   other node's pod subnet through that node.
+//! - A node is a netns with a bridge `br0` (pod gateway `198.18.s.1`, `2001:db8:s::1`, where `s` is the
+//!   node's pod subnet), a cgroup root for its pods and a bpffs root for its agent's pinned state.
+//! - A pod is a netns whose `eth0` is a veth into its node's bridge, with a default route to the node
+//!   and nothing else: a connect that escapes capture fails instead of leaving the test world. Its
+//!   processes run in a "container" child cgroup of the pod cgroup, as container runtimes do.
+//!
+//! Every name carries the creating process id and a random suffix. Everything is removed on drop (also
+//! while unwinding from a panic), and [`sweep_stale`] removes what a killed test run left behind.
+use std::{
+    ffi::CString,
+    fs::{self, File},
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context, Result, bail};
+
+pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
+pub const BPFFS: &str = "/sys/fs/bpf";
+const PREFIX: &str = "ferry-t";
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(netns: &str, args: &str) -> Result<()> {
+    let mut v = vec!["ip", "-n", netns];
+    v.extend(args.split_whitespace());
+    sh(&v).map(drop)
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        "sysctl",
+        "-qw",
+        &format!("{key}={value}"),
+    ])
+    .map(drop)
+}
+
+/// A binary of this workspace: `$<env>`, or `<name>` in the target directory of the running binary
+/// (`target/<profile>/deps/<test>` or `target/<profile>/<bin>`).
+fn workspace_bin(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let candidate = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join(name))
+        .find(|p| p.exists());
+    match candidate {
+        Some(p) => p,
+        None => panic!(
+            "{name} not found beside {}: build it first (`cargo build --workspace --bins`) or set {env}",
+            exe.display()
+        ),
+    }
+}
+
+/// The agent binary under test.
+pub fn ferry_bin() -> PathBuf {
+    workspace_bin("FERRY_BIN", "ferry")
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "Ferry's end-to-end tests need root (network namespaces, cgroups, eBPF): run them as root"
+    );
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let st = nix::sys::statfs::statfs(BPFFS).context("statfs /sys/fs/bpf")?;
+    if st.filesystem_type().0 as i64 != 0xcafe_4a11 {
+        sh(&["mount", "-t", "bpf", "bpf", BPFFS])?;
+    }
+    Ok(())
+}
+
+/// Removes namespaces, cgroups and pinned state left by test worlds whose process is gone.
+pub fn sweep_stale() {
+    let alive = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            return true;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        match pid.parse::<i32>() {
+            Ok(pid) => Path::new(&format!("/proc/{pid}")).exists(),
+            Err(_) => true,
+        }
+    };
+    if let Ok(list) = sh(&["ip", "netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.starts_with(PREFIX) && !alive(name) {
+                kill_netns_procs(name);
+                let _ = sh(&["ip", "netns", "del", name]);
+            }
+        }
+    }
+    for base in [CGROUP2, BPFFS] {
+        let Ok(entries) = fs::read_dir(base) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PREFIX) && !alive(&name) {
+                if base == CGROUP2 {
+                    remove_cgroup_tree(&e.path());
+                } else {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+}
+
+fn kill_netns_procs(netns: &str) {
+    if let Ok(pids) = sh(&["ip", "netns", "pids", netns]) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+    }
+}
+
+/// Kills what runs in a cgroup tree and removes it, leaves first.
+fn remove_cgroup_tree(path: &Path) {
+    let mut dirs = Vec::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(d) = stack.pop() {
+        if let Ok(entries) = fs::read_dir(&d) {
+            for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        dirs.push(d);
+    }
+    for d in &dirs {
+        let _ = fs::write(d.join("cgroup.kill"), "1");
+    }
+    for d in dirs.iter().rev() {
+        for _ in 0..100 {
+            if fs::remove_dir(d).is_ok() || !d.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub subnet: u8,
+    pub fabric_ip: Option<Ipv4Addr>,
+    pub cgroup_root: PathBuf,
+    pub bpffs_root: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Node {
+    pub fn gateway4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.subnet, 1)
+    }
+    pub fn gateway6(&self) -> Ipv6Addr {
+        format!("2001:db8:{}::1", self.subnet)
+            .parse()
+            .unwrap_or(Ipv6Addr::UNSPECIFIED)
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("node.yaml")
+    }
+    pub fn workloads_path(&self) -> PathBuf {
+        self.dir.join("workloads.yaml")
+    }
+    /// A command that runs in the node's netns (and the test's own cgroup, outside every pod).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        in_netns(Command::new(program), &self.netns, None)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    /// The "container" cgroup below the pod's, where its processes run.
+    pub app_cgroup: PathBuf,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.netns)
+    }
+    /// A command that runs as one of the pod's containers: in its netns and its container cgroup.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        in_netns(Command::new(program), &self.netns, Some(&self.app_cgroup))
+    }
+    /// A command in the pod's netns but in a cgroup of its own, outside the pod's cgroup.
+    pub fn command_outside_cgroup(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        cgroup: &Path,
+    ) -> Command {
+        in_netns(Command::new(program), &self.netns, Some(cgroup))
+    }
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Makes `cmd` join `cgroup` (if any) and then the netns, in the child before exec. The cgroup comes
+/// first: `ip netns exec` would remount /sys and hide the cgroup tree.
+fn in_netns(mut cmd: Command, netns: &str, cgroup: Option<&Path>) -> Command {
+    let ns_path = CString::new(format!("/var/run/netns/{netns}")).unwrap_or_default();
+    let procs = cgroup.map(|c| {
+        CString::new(c.join("cgroup.procs").to_string_lossy().as_bytes()).unwrap_or_default()
+    });
+    // SAFETY: only async-signal-safe calls (open, write, setns, close) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Writing 0 moves the writing process itself.
+                let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if rc != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let fd = libc::open(ns_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::setns(fd, libc::CLONE_NEWNET);
+            libc::close(fd);
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Knobs of a node's config file.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    pub inbound: Option<&'static str>,
+    pub outbound_unknown: Option<&'static str>,
+    pub extra: String,
+}
+
+pub struct World {
+    pub id: String,
+    pub dir: PathBuf,
+    cgroup_base: PathBuf,
+    bpffs_base: PathBuf,
+    fabric: String,
+    netns: Mutex<Vec<String>>,
+    children: Mutex<Vec<Child>>,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+}
+
+impl World {
+    pub fn new() -> Result<Self> {
+        require_root();
+        sweep_stale();
+        ensure_bpffs()?;
+        let id = format!(
+            "{PREFIX}{}x{:04x}",
+            std::process::id(),
+            rand::random::<u16>()
+        );
+        let dir = std::env::temp_dir().join(&id);
+        fs::create_dir_all(&dir)?;
+        let cgroup_base = Path::new(CGROUP2).join(&id);
+        fs::create_dir_all(&cgroup_base).context("creating the test world's cgroup")?;
+        let bpffs_base = Path::new(BPFFS).join(&id);
+        fs::create_dir_all(&bpffs_base).context("creating the test world's bpffs directory")?;
+        let fabric = format!("{id}-fab");
+        let world = Self {
+            id,
+            dir,
+            cgroup_base,
+            bpffs_base,
+            fabric: fabric.clone(),
+            netns: Mutex::new(Vec::new()),
+            children: Mutex::new(Vec::new()),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+        };
+        world.add_netns(&fabric)?;
+        ip(&fabric, "link add br0 type bridge")?;
+        ip(&fabric, "link set br0 up")?;
+        Ok(world)
+    }
+
+    fn add_netns(&self, name: &str) -> Result<()> {
+        sh(&["ip", "netns", "add", name])?;
+        if let Ok(mut v) = self.netns.lock() {
+            v.push(name.to_owned());
+        }
+        ip(name, "link set lo up")
+    }
+
+    /// Adds a node whose pods use subnet `198.18.<subnet>.0/24` and `2001:db8:<subnet>::/64`. With
+    /// `routed`, the node joins the fabric and every routed node reaches every other's pods.
+    pub fn add_node(&mut self, name: &str, subnet: u8, routed: bool) -> Result<Node> {
+        let netns = format!("{}-{name}", self.id);
+        self.add_netns(&netns)?;
+        ip(&netns, "link add br0 type bridge")?;
+        ip(&netns, "link set br0 up")?;
+        ip(&netns, &format!("addr add 198.18.{subnet}.1/24 dev br0"))?;
+        ip(
+            &netns,
+            &format!("addr add 2001:db8:{subnet}::1/64 dev br0 nodad"),
+        )?;
+        sysctl(&netns, "net.ipv4.ip_forward", "1")?;
+        sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
+        let index = self.nodes.len() as u8 + 1;
+        let fabric_ip = if routed {
+            let fab = Ipv4Addr::new(198, 19, 0, index);
+            ip(
+                &netns,
+                &format!(
+                    "link add fab0 type veth peer name n{index} netns {}",
+                    self.fabric
+                ),
+            )?;
+            ip(&self.fabric, &format!("link set n{index} master br0 up"))?;
+            ip(&netns, "link set fab0 up")?;
+            ip(&netns, &format!("addr add {fab}/24 dev fab0"))?;
+            ip(
+                &netns,
+                &format!("addr add 2001:db8:ff::{index}/64 dev fab0 nodad"),
+            )?;
+            for other in self.nodes.iter().filter(|n| n.fabric_ip.is_some()) {
+                let oi = other.fabric_ip.map(|a| a.octets()[3]).unwrap_or(0);
+                let os = other.subnet;
+                ip(
+                    &netns,
+                    &format!("route add 198.18.{os}.0/24 via 198.19.0.{oi}"),
+                )?;
+                ip(
+                    &netns,
+                    &format!("-6 route add 2001:db8:{os}::/64 via 2001:db8:ff::{oi}"),
+                )?;
+                ip(
+                    &other.netns,
+                    &format!("route add 198.18.{subnet}.0/24 via {fab}"),
+                )?;
+                ip(
+                    &other.netns,
+                    &format!("-6 route add 2001:db8:{subnet}::/64 via 2001:db8:ff::{index}"),
+                )?;
+            }
+            Some(fab)
+        } else {
+            None
+        };
+        let cgroup_root = self.cgroup_base.join(name);
+        fs::create_dir_all(&cgroup_root)?;
+        let dir = self.dir.join(name);
+        fs::create_dir_all(&dir)?;
+        let node = Node {
+            name: name.to_owned(),
+            netns,
+            subnet,
+            fabric_ip,
+            cgroup_root,
+            bpffs_root: self.bpffs_base.join(name),
+            dir,
+        };
+        self.nodes.push(node.clone());
+        self.write_config(&node, &NodeOptions::default())?;
+        Ok(node)
+    }
+
+    /// Adds a pod `host` on `node`'s subnet, in namespace `default` with service account `default`.
+    pub fn add_pod(&mut self, node: &Node, name: &str, host: u8) -> Result<Pod> {
+        self.add_pod_as(node, name, host, "default", "default")
+    }
+
+    pub fn add_pod_as(
+        &mut self,
+        node: &Node,
+        name: &str,
+        host: u8,
+        namespace: &str,
+        sa: &str,
+    ) -> Result<Pod> {
+        let netns = format!("{}-{}-{name}", self.id, node.name);
+        self.add_netns(&netns)?;
+        let host_if = format!("p{}", self.pods.len());
+        ip(
+            &node.netns,
+            &format!("link add {host_if} type veth peer name eth0 netns {netns}"),
+        )?;
+        ip(&node.netns, &format!("link set {host_if} master br0 up"))?;
+        let s = node.subnet;
+        ip(&netns, "link set eth0 up")?;
+        ip(&netns, &format!("addr add 198.18.{s}.{host}/24 dev eth0"))?;
+        ip(
+            &netns,
+            &format!("addr add 2001:db8:{s}::{host}/64 dev eth0 nodad"),
+        )?;
+        ip(&netns, &format!("route add default via 198.18.{s}.1"))?;
+        ip(&netns, &format!("-6 route add default via 2001:db8:{s}::1"))?;
+        let cgroup = node.cgroup_root.join(format!("pod-{name}"));
+        let app_cgroup = cgroup.join("app");
+        fs::create_dir_all(&app_cgroup)?;
+        let pod = Pod {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: sa.to_owned(),
+            node: node.name.clone(),
+            netns,
+            cgroup,
+            app_cgroup,
+            ip4: Ipv4Addr::new(198, 18, s, host),
+            ip6: format!("2001:db8:{s}::{host}").parse()?,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// A cgroup below `node`'s cgroup root that is not a pod's.
+    pub fn unenrolled_cgroup(&self, node: &Node, name: &str) -> Result<PathBuf> {
+        let p = node.cgroup_root.join(name);
+        fs::create_dir_all(&p)?;
+        Ok(p)
+    }
+
+    pub fn write_config(&self, node: &Node, opts: &NodeOptions) -> Result<()> {
+        let text = format!(
+            "node: {}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
+            node.name,
+            node.bpffs_root.display(),
+            node.cgroup_root.display(),
+            opts.inbound.unwrap_or("permissive"),
+            opts.outbound_unknown.unwrap_or("passthrough"),
+            opts.extra,
+        );
+        fs::write(node.config_path(), text)?;
+        if !node.workloads_path().exists() {
+            fs::write(node.workloads_path(), "workloads: []\n")?;
+        }
+        Ok(())
+    }
+
+    /// Writes `node`'s workloads file listing `pods` (pods of every node: the agent needs them all).
+    pub fn write_workloads(&self, node: &Node, pods: &[&Pod]) -> Result<()> {
+        let mut text = String::from("workloads:\n");
+        for p in pods {
+            text.push_str(&format!(
+                "  - name: {}\n    namespace: {}\n    service_account: {}\n    node: {}\n    ips: [{}, {}]\n",
+                p.name, p.namespace, p.service_account, p.node, p.ip4, p.ip6
+            ));
+            if p.node == node.name {
+                text.push_str(&format!(
+                    "    netns: {}\n    cgroup: {}\n",
+                    p.netns_path().display(),
+                    p.cgroup.display()
+                ));
+            }
+        }
+        // Written whole and renamed, as a config management tool would.
+        let tmp = node.dir.join(".workloads.tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(tmp, node.workloads_path())?;
+        Ok(())
+    }
+
+    /// Starts the node's agent and waits until it reports ready.
+    pub fn start_agent(&self, node: &Node) -> Result<Agent> {
+        let log_path = unique(node.dir.join("agent.log"));
+        let log = File::create(&log_path)?;
+        let mut cmd = node.command(ferry_bin());
+        cmd.args(["--log-format", "json", "run", "--config"])
+            .arg(node.config_path())
+            .env("FERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("starting the agent")?;
+        let pid = child.id();
+        self.track(child);
+        let agent = Agent {
+            pid,
+            log_path,
+            node: node.name.clone(),
+        };
+        agent.wait_for(|l| l.msg() == "ready", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts a long-running process and keeps it for cleanup; its stdout goes to a file.
+    pub fn spawn(&self, mut cmd: Command, label: &str) -> Result<Proc> {
+        let out = unique(self.dir.join(format!("{label}.out")));
+        let f = File::create(&out)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {label}"))?;
+        let pid = child.id();
+        self.track(child);
+        Ok(Proc { pid, out })
+    }
+
+    fn track(&self, child: Child) {
+        if let Ok(mut c) = self.children.lock() {
+            c.push(child);
+        }
+    }
+}
+
+fn unique(path: PathBuf) -> PathBuf {
+    if !path.exists() {
+        return path;
+    }
+    for i in 1.. {
+        let p = path.with_extension(format!("{i}.log"));
+        if !p.exists() {
+            return p;
+        }
+    }
+    path
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Ok(mut children) = self.children.lock() {
+            for c in children.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if let Ok(names) = self.netns.lock() {
+            for n in names.iter().rev() {
+                kill_netns_procs(n);
+                let _ = sh(&["ip", "netns", "del", n]);
+            }
+        }
+        remove_cgroup_tree(&self.cgroup_base);
+        // Pinned links and maps: unlinking the pins detaches what no process holds any more.
+        let _ = fs::remove_dir_all(&self.bpffs_base);
+        if std::env::var_os("FERRY_KEEP_LOGS").is_none() && !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("test world logs kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// A JSON log line of the agent.
+pub struct LogLine(pub serde_json::Value);
+
+impl LogLine {
+    pub fn msg(&self) -> &str {
+        self.0.get("message").and_then(|v| v.as_str()).unwrap_or("")
+    }
+    pub fn field(&self, name: &str) -> Option<String> {
+        self.0.get(name).map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    }
+    pub fn is_access(&self) -> bool {
+        self.0.get("target").and_then(|v| v.as_str()) == Some("ferry::access")
+    }
+}
+
+pub struct Agent {
+    pub pid: u32,
+    pub log_path: PathBuf,
+    pub node: String,
+}
+
+impl Agent {
+    pub fn lines(&self) -> Vec<LogLine> {
+        let Ok(f) = File::open(&self.log_path) else {
+            return Vec::new();
+        };
+        BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok().map(LogLine))
+            .collect()
+    }
+
+    pub fn access_lines(&self) -> Vec<LogLine> {
+        self.lines()
+            .into_iter()
+            .filter(LogLine::is_access)
+            .collect()
+    }
+
+    /// Waits until a log line satisfies `pred`; fails with the log if it does not come in time, or if
+    /// the agent exits first.
+    pub fn wait_for(&self, pred: impl Fn(&LogLine) -> bool, timeout: Duration) -> Result<LogLine> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.lines().into_iter().find(|l| pred(l)) {
+                return Ok(l);
+            }
+            if !Path::new(&format!("/proc/{}", self.pid)).exists() || Instant::now() > deadline {
+                let log = fs::read_to_string(&self.log_path).unwrap_or_default();
+                bail!(
+                    "agent on {} did not log the expected line; its log:\n{log}",
+                    self.node
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn kill9(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::SIGKILL,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            // A zombie still has /proc/<pid>; its status says so.
+            let status =
+                fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+            if status.is_empty() || status.contains("State:\tZ") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A long-running process of the test world, with its output in a file.
+pub struct Proc {
+    pub pid: u32,
+    pub out: PathBuf,
+}
+
+impl Proc {
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.out).unwrap_or_default()
+    }
+    pub fn wait_for_output(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.output().contains(needle) {
+            if Instant::now() > deadline {
+                bail!(
+                    "process {} did not print {needle:?}; output:\n{}",
+                    self.pid,
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+    pub fn is_running(&self) -> bool {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        !status.is_empty() && !status.contains("State:\tZ")
+    }
+}
+
+/// Runs a command to completion with a timeout and returns its stdout.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let mut out = String::new();
+            let mut err = String::new();
+            if let Some(mut s) = child.stdout.take() {
+                s.read_to_string(&mut out)?;
+            }
+            if let Some(mut s) = child.stderr.take() {
+                s.read_to_string(&mut err)?;
+            }
+            if !status.success() {
+                bail!("{cmd:?} exited with {status}: {err}{out}");
+            }
+            return Ok(out);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The test world's app binary.
+pub fn testapp() -> PathBuf {
+    workspace_bin("FERRY_TESTAPP", "ferry-testapp")
+}
+
+/// The result of one `ferry-testapp dial`.
+#[derive(Debug, serde::Deserialize)]
+pub struct Dial {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub peer: Option<SocketAddr>,
+    #[serde(default)]
+    pub local: Option<SocketAddr>,
+    /// The server's greeting line: `<tag> peer=<addr> local=<addr>`.
+    #[serde(default)]
+    pub greeting: String,
+    #[serde(default)]
+    pub echo: String,
+}
+
+impl Dial {
+    pub fn greeting_field(&self, key: &str) -> Option<String> {
+        self.greeting
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
+    }
+}
+
+/// Runs `ferry-testapp dial` in `cmd`'s context (a pod or a node) and parses its result.
+pub fn dial(mut cmd: Command, to: SocketAddr, send: &str) -> Result<Dial> {
+    cmd.args([
+        "dial",
+        "--to",
+        &to.to_string(),
+        "--send",
+        send,
+        "--timeout-ms",
+        "3000",
+    ]);
+    let out = run_with_timeout(cmd, Duration::from_secs(10))?;
+    serde_json::from_str(out.trim()).with_context(|| format!("parsing dial output {out:?}"))
+}
+
+pub fn ip_of(addr: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(addr, port)
+}
+
+/// Writes bytes to a file atomically enough for a reader polling it.
+pub fn write_file(path: &Path, text: &str) -> Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Polls until `f` returns true or the timeout passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

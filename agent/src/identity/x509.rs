@@ -43,7 +43,7 @@ pub(crate) fn first_cert_from_pem(pem: &str) -> Result<CertificateDer<'static>, 
 
 pub(crate) fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>, String> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err("trailing bytes after the certificate".to_owned()),
         Err(e) => Err(format!("not a valid X.509 certificate: {e}")),
     }

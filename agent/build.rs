@@ -13,7 +13,11 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = root.join("ebpf");
     println!("cargo:rerun-if-changed={}", root.join("common").display());
     // `cargo xtask setup` installs bpf-linker here; put it first so a plain `cargo build` finds it.
-    let tools = root.join(".tools").join("bin");
+    println!("cargo:rerun-if-env-changed=FERRY_TOOLS_DIR");
+    let tools = env::var_os("FERRY_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".tools"))
+        .join("bin");
     if !tools.join("bpf-linker").exists() && which_bpf_linker().is_none() {
         anyhow::bail!(
             "bpf-linker is not installed: run `cargo xtask setup` once (it builds the eBPF toolchain into .tools/)"

@@ -111,7 +111,9 @@ fn write_ip6(sa: &mut bpf_sock_addr, ip: [u32; 4]) {
     }
 }
 
-#[inline(always)]
+// The exclusion checks are real subprograms: inlined, LLVM merges two lookups' results into one
+// `pointer | pointer`, which the verifier rejects.
+#[inline(never)]
 fn port_excluded(port: u16) -> bool {
     unsafe { FERRY_EXCLUDE_PORTS.get(port) }.is_some()
 }
@@ -143,7 +145,7 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     if ip[0] == 127 || !in_enrolled_pod() {
         return 1;
     }
-    if port_excluded(port) || FERRY_EXCLUDE_V4.get(Key::new(32, ip)).is_some() {
+    if port_excluded(port) || v4_excluded(ip) {
         count(counters::OUTBOUND_BYPASSED);
         return 1;
     }
@@ -163,6 +165,16 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
     sa.user_port = u16::to_be(s.outbound_port) as u32;
     count(counters::OUTBOUND_CAPTURED);
     1
+}
+
+#[inline(never)]
+fn v4_excluded(ip: [u8; 4]) -> bool {
+    FERRY_EXCLUDE_V4.get(Key::new(32, ip)).is_some()
+}
+
+#[inline(never)]
+fn v6_excluded(ip: [u8; 16]) -> bool {
+    FERRY_EXCLUDE_V6.get(Key::new(128, ip)).is_some()
 }
 
 #[inline(always)]
@@ -200,11 +212,9 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     }
     let mapped = ip[0] == 0 && ip[1] == 0 && u32::from_be(ip[2]) == 0xffff;
     let excluded_cidr = if mapped {
-        FERRY_EXCLUDE_V4
-            .get(Key::new(32, u32::from_be(ip[3]).to_be_bytes()))
-            .is_some()
+        v4_excluded(u32::from_be(ip[3]).to_be_bytes())
     } else {
-        FERRY_EXCLUDE_V6.get(Key::new(128, v6_bytes(&ip))).is_some()
+        v6_excluded(v6_bytes(&ip))
     };
     if port_excluded(port) || excluded_cidr {
         count(counters::OUTBOUND_BYPASSED);

@@ -415,3 +415,57 @@ fn ipv6_outbound_and_inbound_in_a_dual_stack_pod() -> Result<()> {
     .is_empty()));
     Ok(())
 }
+
+/// Bypass: loopback destinations, excluded ports and excluded CIDRs are never captured.
+#[test]
+fn loopback_and_configured_exclusions_are_not_captured() -> Result<()> {
+    let mut world = World::new()?;
+    let node = world.add_node("n1", 1, false)?;
+    let a = world.add_pod(&node, "a", 10)?;
+    world.write_config(
+        &node,
+        &ferry_e2e::NodeOptions {
+            extra: "capture:\n  exclude_ports: [9100]\n  exclude_cidrs: [192.0.2.0/24, 2001:db8:99::/48]\n".into(),
+            ..Default::default()
+        },
+    )?;
+    world.write_workloads(&node, &[&a])?;
+    let agent = world.start_agent(&node)?;
+    let gw = IpAddr::V4(node.gateway4());
+    let _srv = serve(
+        &world,
+        node.command(testapp()),
+        &format!("{gw}:9100,{gw}:9101"),
+        "node",
+    )?;
+    let _local = serve(&world, a.command(testapp()), "127.0.0.1:7070", "self")?;
+
+    // Excluded port: direct, so the socket's own address is the pod's, not loopback.
+    let d = dial(a.command(testapp()), SocketAddr::new(gw, 9100), "x")?;
+    assert!(
+        d.ok && d.local.map(|l| l.ip()) == Some(IpAddr::V4(a.ip4)),
+        "{d:?}"
+    );
+    // Control: a port that is not excluded is captured (the app's socket talks to the agent on loopback).
+    let d = dial(a.command(testapp()), SocketAddr::new(gw, 9101), "x")?;
+    assert!(
+        d.ok && d.local.map(|l| l.ip().is_loopback()) == Some(true),
+        "{d:?}"
+    );
+    // Excluded CIDRs (v4 and v6): not captured, so there is no route.
+    for dst in ["192.0.2.1:80", "[2001:db8:99::1]:80"] {
+        let d = dial(a.command(testapp()), dst.parse()?, "x")?;
+        assert!(!d.ok && d.error.contains("unreachable"), "{dst}: {d:?}");
+    }
+    // Loopback: straight to the pod's own listener.
+    let d = dial(a.command(testapp()), "127.0.0.1:7070".parse()?, "lo")?;
+    assert!(d.ok && d.echo == "lo", "{d:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let carried: Vec<String> = agent
+        .access_lines()
+        .iter()
+        .filter_map(|l| l.field("dst"))
+        .collect();
+    assert_eq!(carried, vec![format!("{gw}:9101")]);
+    Ok(())
+}

@@ -1,1 +1,137 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands. Every command first runs `setup`, which is idempotent.
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check prerequisites and install the eBPF toolchain (rust-src, bpf-linker) into .tools/.
+    Setup,
+    /// Build the agent (with its eBPF object) and the test binaries.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the whole test suite: formatting, lints, unit tests and end-to-end tests on the kernel.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the local two-node demo.
+    Demo,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    setup::setup(&root)?;
+    match cli.command {
+        Cmd::Setup => Ok(()),
+        Cmd::Build { release } => build(&root, release).map(drop),
+        Cmd::Test { no_lint, args } => test(&root, no_lint, &args),
+        Cmd::Demo => {
+            let bins = build(&root, true)?;
+            demo::run(&bins)
+        }
+    }
+}
+
+pub fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_owned)
+        .context("xtask has no parent directory")
+}
+
+/// `cargo` with the project's tools on PATH.
+pub fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    let tools = setup::tools_dir(root).join("bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![tools];
+    paths.extend(std::env::split_paths(&path));
+    if let Ok(p) = std::env::join_paths(paths) {
+        cmd.env("PATH", p);
+    }
+    cmd
+}
+
+pub fn status(mut cmd: Command) -> Result<()> {
+    let what = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Where cargo puts binaries of the given profile.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+pub struct Bins {
+    pub ferry: PathBuf,
+    pub testapp: PathBuf,
+}
+
+fn build(root: &Path, release: bool) -> Result<Bins> {
+    let mut cmd = cargo(root);
+    cmd.args(["build", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(cmd)?;
+    let dir = target_dir(root).join(if release { "release" } else { "debug" });
+    Ok(Bins {
+        ferry: dir.join("ferry"),
+        testapp: dir.join("ferry-testapp"),
+    })
+}
+
+fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
+    if !no_lint {
+        let mut fmt = cargo(root);
+        fmt.args(["fmt", "--all", "--", "--check"]);
+        status(fmt).context("formatting differs: run `cargo fmt --all`")?;
+        let mut clippy = cargo(root);
+        clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+        status(clippy)?;
+    }
+    let bins = build(root, false)?;
+    let mut t = cargo(root);
+    t.arg("test")
+        .args(args)
+        .env("FERRY_BIN", &bins.ferry)
+        .env("FERRY_TESTAPP", &bins.testapp);
+    status(t)
+}

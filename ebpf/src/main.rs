@@ -13,14 +13,12 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, sk_action},
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-    },
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
-    EbpfContext,
 };
 use ferry_common::{
     FAMILY_V4, FAMILY_V6, OrigDst, PodEntry, RawAddr, SOCK_KIND_HBONE, SOCK_KIND_INBOUND, Settings,
@@ -95,8 +93,14 @@ fn port_excluded(port: u16) -> bool {
 fn record(ctx: &SockAddrContext, dst: RawAddr) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let entry = OrigDst { netns_cookie, dst, _pad: 0 };
-    FERRY_ORIG_BY_COOKIE.insert(&cookie, &entry, BPF_ANY as u64).is_ok()
+    let entry = OrigDst {
+        netns_cookie,
+        dst,
+        _pad: 0,
+    };
+    FERRY_ORIG_BY_COOKIE
+        .insert(&cookie, &entry, BPF_ANY as u64)
+        .is_ok()
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -119,7 +123,11 @@ pub fn ferry_connect4(ctx: SockAddrContext) -> i32 {
         // Enrolled but never configured: refuse rather than leak.
         return 0;
     };
-    let dst = RawAddr { addr: [ip_be, 0, 0, 0], port, family: FAMILY_V4 };
+    let dst = RawAddr {
+        addr: [ip_be, 0, 0, 0],
+        port,
+        family: FAMILY_V4,
+    };
     if !record(&ctx, dst) {
         return 0;
     }
@@ -164,7 +172,9 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     }
     let mapped = ip[0] == 0 && ip[1] == 0 && u32::from_be(ip[2]) == 0xffff;
     let excluded_cidr = if mapped {
-        FERRY_EXCLUDE_V4.get(Key::new(32, u32::from_be(ip[3]).to_be_bytes())).is_some()
+        FERRY_EXCLUDE_V4
+            .get(Key::new(32, u32::from_be(ip[3]).to_be_bytes()))
+            .is_some()
     } else {
         FERRY_EXCLUDE_V6.get(Key::new(128, v6_bytes(&ip))).is_some()
     };
@@ -175,7 +185,11 @@ pub fn ferry_connect6(ctx: SockAddrContext) -> i32 {
     let Some(s) = settings() else {
         return 0;
     };
-    let dst = RawAddr { addr: ip, port, family: FAMILY_V6 };
+    let dst = RawAddr {
+        addr: ip,
+        port,
+        family: FAMILY_V6,
+    };
     if !record(&ctx, dst) {
         return 0;
     }
@@ -196,12 +210,27 @@ pub fn ferry_sockops_established(ctx: SockOpsContext) -> u32 {
     };
     let family = ctx.family();
     let local = if family == FAMILY_V4 as u32 {
-        RawAddr { addr: [ctx.local_ip4(), 0, 0, 0], port: ctx.local_port() as u16, family: FAMILY_V4 }
+        RawAddr {
+            addr: [ctx.local_ip4(), 0, 0, 0],
+            port: ctx.local_port() as u16,
+            family: FAMILY_V4,
+        }
     } else {
-        RawAddr { addr: ctx.local_ip6(), port: ctx.local_port() as u16, family: FAMILY_V6 }
+        RawAddr {
+            addr: ctx.local_ip6(),
+            port: ctx.local_port() as u16,
+            family: FAMILY_V6,
+        }
     };
-    let key = TupleKey { netns_cookie: orig.netns_cookie, local, _pad: 0 };
-    if FERRY_ORIG_BY_TUPLE.insert(&key, &orig, BPF_ANY as u64).is_ok() {
+    let key = TupleKey {
+        netns_cookie: orig.netns_cookie,
+        local,
+        _pad: 0,
+    };
+    if FERRY_ORIG_BY_TUPLE
+        .insert(&key, &orig, BPF_ANY as u64)
+        .is_ok()
+    {
         count(counters::ORIG_DST_RECORDED);
     }
     1
@@ -248,7 +277,11 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = SocketKey {
         netns_cookie,
-        kind: if hbone { SOCK_KIND_HBONE } else { SOCK_KIND_INBOUND },
+        kind: if hbone {
+            SOCK_KIND_HBONE
+        } else {
+            SOCK_KIND_INBOUND
+        },
         family: lk.family,
     };
     match FERRY_SOCKETS.redirect_sk_lookup(&ctx, key, 0) {

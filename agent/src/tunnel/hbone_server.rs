@@ -159,8 +159,9 @@ impl<H: ConnectHandler> HboneServer<H> {
         }
     }
 
-    /// Serves one inbound connection until the peer closes it (`Ok`) or it fails (`Err`: not HTTP/2,
-    /// protocol error, keepalive timeout, I/O error). `expected_local_ip` is the address the connection
+    /// Serves one inbound connection until the peer closes it (`Ok`: GOAWAY, or TCP closed between
+    /// frames) or it fails (`Err`: not HTTP/2, protocol error, keepalive timeout, I/O error). Streams
+    /// cut by the end of the connection fail individually (see [`Upstream::on_complete`]). `expected_local_ip` is the address the connection
     /// arrived on: a CONNECT to another IP gets 400, as in ztunnel. Dropping the future drops the
     /// connection and every relay of it.
     pub async fn serve_connection<T: AsyncIo>(

@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -39,7 +40,8 @@ async fn skip_reason() -> Option<String> {
 macro_rules! require_python {
     () => {
         if let Some(reason) = skip_reason().await {
-            eprintln!("SKIPPED: {reason}");
+            // Straight to stderr: the test harness captures eprintln! of passing tests.
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
             return;
         }
     };

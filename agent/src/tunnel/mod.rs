@@ -8,6 +8,49 @@
 //! - [`hbone_server`]: serves the CONNECT streams of one inbound connection through a [`ConnectHandler`].
 //! - [`copy`]: the bidirectional byte relay between an HBONE stream and a TCP-like stream.
 //! - [`pool`]: reuse of client connections per key, bounded streams per connection.
+//!
+//! Inbound (port 15008, after the TLS accept): build a handler for the connection, typically capturing
+//! the peer's verified identity, and serve it:
+//!
+//! ```no_run
+//! # use std::{net::SocketAddr, sync::Arc};
+//! # use ferry::tunnel::{ConnectRequest, HboneServer, Reject, ServerConfig, Upstream};
+//! # async fn inbound(tls: tokio::net::TcpStream, local: SocketAddr) -> Result<(), ferry::tunnel::TunnelError> {
+//! let handler = Arc::new(|req: ConnectRequest| async move {
+//!     // Authorization (401) would be decided here, from the peer identity and `req`.
+//!     let upstream = tokio::net::TcpStream::connect(req.target)
+//!         .await
+//!         .map_err(|_| Reject::Unreachable)?;
+//!     Ok(Upstream::new(upstream).on_complete(|outcome| tracing::info!(?outcome, "closed")))
+//! });
+//! HboneServer::new(handler, ServerConfig::default())
+//!     .serve_connection(tls, Some(local.ip()))
+//!     .await
+//! # }
+//! ```
+//!
+//! Outbound (a captured app connection): take a stream slot from the pool, then relay.
+//!
+//! ```no_run
+//! # use std::net::SocketAddr;
+//! # use ferry::tunnel::{CopyStats, HboneClient, Pool, PoolConfig, TunnelError};
+//! # async fn outbound(pool: Pool<(String, SocketAddr)>, app: tokio::net::TcpStream,
+//! #     src: SocketAddr, dst: SocketAddr, cert_generation: u64) -> Result<(), TunnelError> {
+//! let key = ("default/sleep".to_owned(), dst);
+//! let client = pool
+//!     .get_or_connect(key, cert_generation, || async move {
+//!         let tcp = tokio::net::TcpStream::connect((dst.ip(), 15008)).await?;
+//!         // The TLS handshake (client cert of `cert_generation`) goes here.
+//!         HboneClient::handshake(tcp).await
+//!     })
+//!     .await?;
+//! let stream = client.connect(dst, src).await?;
+//! let stats = CopyStats::new();
+//! let outcome = stream.relay(app, &stats).await?;
+//! tracing::info!(sent = outcome.sent, received = outcome.received, "closed");
+//! # Ok(())
+//! # }
+//! ```
 pub mod copy;
 mod error;
 pub mod hbone_client;

@@ -1,7 +1,83 @@
-//! The node tunnel: what happens to a captured connection between the pod's socket and its peer.
+//! HBONE: TCP connections carried as HTTP/2 CONNECT streams between node agents (port 15008), the wire
+//! format of Istio ambient's ztunnel (see `/work/shared/hbone.md`).
+//!
+//! Everything here is generic over the transport (`AsyncRead + AsyncWrite + Unpin + Send + 'static`): the
+//! agent passes mutual-TLS streams, tests pass loopback TCP or in-memory pipes.
+//!
+//! - [`hbone_client`]: one HTTP/2 connection to a peer agent, opening CONNECT streams ([`HboneStream`]).
+//! - [`hbone_server`]: serves the CONNECT streams of one inbound connection through a [`ConnectHandler`].
+//! - [`copy`]: the bidirectional byte relay between an HBONE stream and a TCP-like stream.
+//! - [`pool`]: reuse of client connections per key, bounded streams per connection.
+//!
+//! Inbound (port 15008, after the TLS accept): build a handler for the connection, typically capturing
+//! the peer's verified identity, and serve it:
+//!
+//! ```no_run
+//! # use std::{net::SocketAddr, sync::Arc};
+//! # use ferry::tunnel::{ConnectRequest, HboneServer, Reject, ServerConfig, Upstream};
+//! # async fn inbound(tls: tokio::net::TcpStream, local: SocketAddr) -> Result<(), ferry::tunnel::TunnelError> {
+//! let handler = Arc::new(|req: ConnectRequest| async move {
+//!     // Authorization (401) would be decided here, from the peer identity and `req`.
+//!     let upstream = tokio::net::TcpStream::connect(req.target)
+//!         .await
+//!         .map_err(|_| Reject::Unreachable)?;
+//!     Ok(Upstream::new(upstream).on_complete(|outcome| tracing::info!(?outcome, "closed")))
+//! });
+//! HboneServer::new(handler, ServerConfig::default())
+//!     .serve_connection(tls, Some(local.ip()))
+//!     .await
+//! # }
+//! ```
+//!
+//! Outbound (a captured app connection): take a stream slot from the pool, then relay.
+//!
+//! ```no_run
+//! # use std::net::SocketAddr;
+//! # use ferry::tunnel::{CopyStats, HboneClient, Pool, PoolConfig, TunnelError};
+//! # async fn outbound(pool: Pool<(String, SocketAddr)>, app: tokio::net::TcpStream,
+//! #     src: SocketAddr, dst: SocketAddr, cert_generation: u64) -> Result<(), TunnelError> {
+//! let key = ("default/sleep".to_owned(), dst);
+//! let client = pool
+//!     .get_or_connect(key, cert_generation, || async move {
+//!         let tcp = tokio::net::TcpStream::connect((dst.ip(), 15008)).await?;
+//!         // The TLS handshake (client cert of `cert_generation`) goes here.
+//!         HboneClient::handshake(tcp).await
+//!     })
+//!     .await?;
+//! let stream = client.connect(dst, src).await?;
+//! let stats = CopyStats::new();
+//! let outcome = stream.relay(app, &stats).await?;
+//! tracing::info!(sent = outcome.sent, received = outcome.received, "closed");
+//! # Ok(())
+//! # }
+//! ```
 pub mod conn;
+pub mod copy;
+mod error;
+pub mod hbone_client;
+pub mod hbone_server;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
+mod settings;
+pub mod wire;
+
+pub use copy::{CopyOutcome, CopyStats, copy_bidirectional};
+pub use error::TunnelError;
+pub use hbone_client::{ClientConfig, HboneClient, HboneStream};
+pub use hbone_server::{
+    BoxFuture, ConnectHandler, ConnectRequest, HboneServer, Reject, ServerConfig, Upstream,
+    serve_connection,
+};
+pub use pool::{Pool, PoolConfig, PoolStats, PooledClient};
+pub use settings::{H2Settings, Keepalive};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Any byte stream HBONE can run over, or relay to: TLS streams, TCP streams, in-memory pipes.
+pub trait AsyncIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncIo for T {}
 
 use std::{io, net::SocketAddr};
 

@@ -1,0 +1,192 @@
+//! The relay between an HBONE stream (h2 send + receive halves) and a TCP-like stream.
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::TunnelError;
+
+/// Largest read from the local stream: with h2's capacity reservation this bounds what one direction of
+/// one relay holds in memory.
+pub const CHUNK: usize = 64 * 1024;
+
+/// Byte counters of one relay, readable while it runs (access log, metrics). `sent` counts bytes that
+/// went from the local stream into the tunnel, `received` bytes from the tunnel to the local stream.
+#[derive(Debug, Default)]
+pub struct CopyStats {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl CopyStats {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes handed to h2 for sending to the peer so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the local stream so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Totals of a relay that ended cleanly (both directions saw their end of stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CopyOutcome {
+    /// Bytes from the local stream into the tunnel.
+    pub sent: u64,
+    /// Bytes from the tunnel to the local stream.
+    pub received: u64,
+}
+
+/// Relays bytes both ways between an HBONE stream and `io` until both directions ended.
+///
+/// Half-close is carried through: EOF on `io` sends END_STREAM; END_STREAM from the peer shuts down
+/// `io`'s write half (TCP FIN) while the other direction keeps flowing. On an error in either direction
+/// the other one stops: the HBONE stream is reset (RST_STREAM CANCEL) and `io` is dropped. Byte counts
+/// are in `stats`, which is also the way to know them after an error.
+pub async fn copy_bidirectional<T>(
+    send: &mut SendStream<Bytes>,
+    recv: &mut RecvStream,
+    io: T,
+    stats: &CopyStats,
+) -> Result<CopyOutcome, TunnelError>
+where
+    T: AsyncRead + AsyncWrite + Send,
+{
+    let (mut io_read, mut io_write) = tokio::io::split(io);
+    let result = tokio::try_join!(
+        local_to_tunnel(&mut io_read, send, stats),
+        tunnel_to_local(recv, &mut io_write, stats),
+    );
+    match result {
+        Ok(_) => Ok(CopyOutcome {
+            sent: stats.sent(),
+            received: stats.received(),
+        }),
+        Err(e) => {
+            // Tells the peer to drop its side too; a no-op when the peer already reset the stream.
+            send.send_reset(Reason::CANCEL);
+            Err(e)
+        }
+    }
+}
+
+/// Copies `io` into the tunnel, ending with END_STREAM at EOF.
+async fn local_to_tunnel<R>(
+    io: &mut R,
+    send: &mut SendStream<Bytes>,
+    stats: &CopyStats,
+) -> Result<(), TunnelError>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    loop {
+        buf.reserve(CHUNK);
+        // While the app is silent, a reset of the stream must still end the relay: otherwise a
+        // half-closed stream (peer done sending) would wait on the app forever.
+        let n = tokio::select! {
+            read = io.read_buf(&mut buf) => read?,
+            reset = poll_fn(|cx| send.poll_reset(cx)) => {
+                return Err(match reset {
+                    Ok(reason) => TunnelError::Reset(reason),
+                    Err(e) => TunnelError::from_stream(e),
+                });
+            }
+        };
+        if n == 0 {
+            send.send_data(Bytes::new(), true)
+                .map_err(TunnelError::from_stream)?;
+            return Ok(());
+        }
+        let chunk = buf.split().freeze();
+        send_all(send, chunk, stats).await?;
+    }
+}
+
+/// Sends `data` within the stream's flow-control capacity, so h2 never buffers more than was reserved.
+pub(crate) async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    stats: &CopyStats,
+) -> Result<(), TunnelError> {
+    while !data.is_empty() {
+        let capacity = wait_capacity(send, data.len()).await?;
+        let piece = data.split_to(capacity.min(data.len()));
+        let len = piece.len();
+        send.send_data(piece, false)
+            .map_err(TunnelError::from_stream)?;
+        stats.add_sent(len);
+    }
+    Ok(())
+}
+
+/// Reserves up to `wanted` bytes of send capacity and waits until some is assigned.
+async fn wait_capacity(send: &mut SendStream<Bytes>, wanted: usize) -> Result<usize, TunnelError> {
+    send.reserve_capacity(wanted);
+    loop {
+        let available = send.capacity();
+        if available > 0 {
+            return Ok(available);
+        }
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(TunnelError::from_stream(e)),
+            // The send side is no longer open: the peer reset the stream, or the connection ended.
+            None => return Err(closed_reason(send).await),
+        }
+    }
+}
+
+/// The reason a stream stopped accepting data, for the error report.
+async fn closed_reason(send: &mut SendStream<Bytes>) -> TunnelError {
+    let probe = poll_fn(|cx| match send.poll_reset(cx) {
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+    });
+    match probe.await {
+        Some(Ok(reason)) => TunnelError::Reset(reason),
+        Some(Err(e)) => TunnelError::from_stream(e),
+        None => TunnelError::Reset(Reason::STREAM_CLOSED),
+    }
+}
+
+/// Copies the tunnel into `io`, shutting down `io`'s write half at END_STREAM.
+async fn tunnel_to_local<W>(
+    recv: &mut RecvStream,
+    io: &mut W,
+    stats: &CopyStats,
+) -> Result<(), TunnelError>
+where
+    W: AsyncWrite + Unpin,
+{
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(TunnelError::from_stream)?;
+        io.write_all(&data).await?;
+        // Buffering writers (TLS) would otherwise hold the bytes until the next write.
+        io.flush().await?;
+        // The window opens again only once the bytes left our hands, so a slow local reader slows the
+        // peer instead of growing our buffers.
+        recv.flow_control()
+            .release_capacity(data.len())
+            .map_err(TunnelError::from_stream)?;
+        stats.add_received(data.len());
+    }
+    io.shutdown().await?;
+    Ok(())
+}

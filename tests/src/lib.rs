@@ -28,6 +28,7 @@ use anyhow::{Context, Result, bail};
 pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
 pub const BPFFS: &str = "/sys/fs/bpf";
 const PREFIX: &str = "ferry-t";
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// Runs a command, failing with its stderr.
 pub fn sh(args: &[&str]) -> Result<String> {
@@ -288,6 +289,8 @@ fn in_netns(mut cmd: Command, netns: &str, cgroup: Option<&Path>) -> Command {
 /// Knobs of a node's config file.
 #[derive(Clone, Debug, Default)]
 pub struct NodeOptions {
+    /// Lifetime of workload certificates (default 24h).
+    pub workload_ttl: Option<&'static str>,
     pub inbound: Option<&'static str>,
     pub outbound_unknown: Option<&'static str>,
     pub extra: String,
@@ -334,9 +337,51 @@ impl World {
             pods: Vec::new(),
         };
         world.add_netns(&fabric)?;
+        world.ferry(
+            &["ca", "init", "--trust-domain", TRUST_DOMAIN, "--out"],
+            &world.ca_dir(),
+        )?;
         ip(&fabric, "link add br0 type bridge")?;
         ip(&fabric, "link set br0 up")?;
         Ok(world)
+    }
+
+    /// The trust domain's root CA of this world.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// Runs `ferry <args> <path>` to completion.
+    pub fn ferry(&self, args: &[&str], path: &Path) -> Result<String> {
+        let out = Command::new(ferry_bin()).args(args).arg(path).output()?;
+        if !out.status.success() {
+            bail!(
+                "ferry {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Mints a certificate and key for `identity` from `node`'s intermediate, for a non-Ferry peer;
+    /// returns the directory holding `cert.pem`, `key.pem` (and the node's `bundle.pem` beside).
+    pub fn issue_workload(&self, node: &Node, identity: &str, label: &str) -> Result<PathBuf> {
+        let out = self.dir.join(label);
+        let node_dir = node.dir.join("certs");
+        self.ferry(
+            &[
+                "ca",
+                "issue-workload",
+                "--identity",
+                identity,
+                "--node-dir",
+                &node_dir.to_string_lossy(),
+                "--out",
+            ],
+            &out,
+        )?;
+        fs::copy(node_dir.join("bundle.pem"), out.join("bundle.pem"))?;
+        Ok(out)
     }
 
     fn add_netns(&self, name: &str) -> Result<()> {
@@ -406,6 +451,18 @@ impl World {
         fs::create_dir_all(&cgroup_root)?;
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir)?;
+        self.ferry(
+            &[
+                "ca",
+                "issue-node",
+                "--ca",
+                &self.ca_dir().to_string_lossy(),
+                "--node",
+                name,
+                "--out",
+            ],
+            &dir.join("certs"),
+        )?;
         let node = Node {
             name: name.to_owned(),
             netns,
@@ -477,8 +534,9 @@ impl World {
 
     pub fn write_config(&self, node: &Node, opts: &NodeOptions) -> Result<()> {
         let text = format!(
-            "node: {}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
+            "node: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
             node.name,
+            opts.workload_ttl.unwrap_or("24h"),
             node.bpffs_root.display(),
             node.cgroup_root.display(),
             opts.inbound.unwrap_or("permissive"),

@@ -1,9 +1,14 @@
 //! The `ferry` command line: the agent (`ferry run`) and the operator's tools.
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{capture, config::NodeConfig, daemon};
+use crate::{
+    capture,
+    config::NodeConfig,
+    daemon,
+    identity::{self, Identity, TrustDomain},
+};
 
 #[derive(Parser)]
 #[command(
@@ -32,11 +37,105 @@ enum Command {
         #[arg(long, default_value_os_t = daemon::default_config())]
         config: PathBuf,
     },
+    /// Certificate authority material: the trust-domain root and per-node intermediates.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Remove everything the agent attached on this node (links, pinned maps). Stop the agent first.
     Uninstall {
         #[arg(long, default_value_os_t = daemon::default_config())]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a trust domain's root CA (root.pem, root.key) in a new directory.
+    Init {
+        #[arg(long)]
+        trust_domain: TrustDomain,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "3650d", value_parser = duration)]
+        validity: Duration,
+    },
+    /// Issue a node's intermediate CA (node.pem, node.key, bundle.pem), path length 0.
+    IssueNode {
+        /// Directory of the root CA (from `ferry ca init`).
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "365d", value_parser = duration)]
+        validity: Duration,
+    },
+    /// Mint a workload certificate and key from a node directory, for a peer that is not a Ferry agent
+    /// (e.g. an Istio-style HBONE peer under test). Agents mint their own.
+    IssueWorkload {
+        /// Directory of the node intermediate (from `ferry ca issue-node`).
+        #[arg(long)]
+        node_dir: PathBuf,
+        #[arg(long)]
+        identity: Identity,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "24h", value_parser = duration)]
+        ttl: Duration,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (a number followed by s, m, h or d)"))
+}
+
+fn ca(cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init {
+            trust_domain,
+            out,
+            validity,
+        } => {
+            let files = identity::ca_init(&trust_domain, &out, validity)?;
+            println!("root CA for {trust_domain}: {}", files.cert.display());
+        }
+        CaCommand::IssueNode {
+            ca,
+            node,
+            out,
+            validity,
+        } => {
+            let files = identity::issue_node(&ca, &node, &out, validity)?;
+            println!("node intermediate for {node}: {}", files.cert.display());
+        }
+        CaCommand::IssueWorkload {
+            node_dir,
+            identity,
+            out,
+            ttl,
+        } => {
+            let minter = identity::Minter::load(&node_dir, identity.trust_domain().clone())?
+                .with_ttl(ttl)?;
+            let cert = identity::CertStore::new(minter).get(&identity)?;
+            let (chain, key) = cert.to_pem();
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("cert.pem"), chain)?;
+            let key_path = out.join("key.pem");
+            std::fs::write(&key_path, key)?;
+            std::fs::set_permissions(
+                &key_path,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
+            println!(
+                "certificate for {identity}: {}",
+                out.join("cert.pem").display()
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn main() -> ExitCode {
@@ -45,6 +144,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Uninstall { config } => uninstall(config),
+        Command::Ca { command } => ca(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,10 @@
 mod node;
 mod workloads;
 
-pub use node::{CaptureConfig, InboundMode, NodeConfig, OutboundUnknown, Ports};
+pub(crate) use node::parse_duration;
+pub use node::{
+    CaptureConfig, CertificatesConfig, InboundMode, NodeConfig, OutboundUnknown, Ports,
+};
 pub use workloads::{LocalPod, Protocol, Workload, WorkloadSet};
 
 use std::path::{Path, PathBuf};

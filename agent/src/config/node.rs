@@ -4,6 +4,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{ConfigError, parse_yaml, read_file};
+use crate::identity::TrustDomain;
 
 /// What the agent does with inbound plaintext connections from outside the mesh.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
@@ -57,10 +58,52 @@ pub struct CaptureConfig {
     pub inbound_exclude_ports: Vec<u16>,
 }
 
+/// Where the node's certificate material lives and how long workload certificates last.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatesConfig {
+    /// Directory with `node.pem`, `node.key` and `bundle.pem` (from `ferry ca issue-node`); relative
+    /// to the config file.
+    pub dir: PathBuf,
+    /// Lifetime of workload certificates (`90s`, `30m`, `24h`, `7d`); renewed at half-life.
+    #[serde(default = "default_ttl", deserialize_with = "duration")]
+    pub workload_ttl: std::time::Duration,
+}
+
+fn default_ttl() -> std::time::Duration {
+    crate::identity::DEFAULT_TTL
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration (a number followed by s, m, h or d, e.g. 24h)"
+        ))
+    })
+}
+
+pub(crate) fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86400)?,
+        _ => return None,
+    };
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNodeConfig {
     node: String,
+    trust_domain: Option<TrustDomain>,
+    certificates: Option<CertificatesConfig>,
     #[serde(default = "default_bpffs_root")]
     bpffs_root: PathBuf,
     #[serde(default = "default_cgroup_root")]
@@ -89,6 +132,9 @@ fn default_cgroup_root() -> PathBuf {
 pub struct NodeConfig {
     pub path: PathBuf,
     pub node: String,
+    /// Required for mesh traffic (HBONE); without it the agent only captures.
+    pub trust_domain: Option<TrustDomain>,
+    pub certificates: Option<CertificatesConfig>,
     pub bpffs_root: PathBuf,
     pub cgroup_root: PathBuf,
     pub workloads: PathBuf,
@@ -148,9 +194,21 @@ impl NodeConfig {
                 ));
             }
         }
+        if raw.trust_domain.is_some() != raw.certificates.is_some() {
+            return Err(invalid(
+                "certificates",
+                "trust_domain and certificates go together: mesh traffic needs both".into(),
+            ));
+        }
+        let certificates = raw.certificates.map(|c| CertificatesConfig {
+            dir: abs(c.dir),
+            ..c
+        });
         Ok(Self {
             path: path.to_owned(),
             node: raw.node,
+            trust_domain: raw.trust_domain,
+            certificates,
             bpffs_root: raw.bpffs_root,
             cgroup_root: raw.cgroup_root,
             workloads: abs(raw.workloads),
@@ -186,6 +244,21 @@ mod tests {
         assert_eq!(c.bpffs_root, PathBuf::from("/sys/fs/bpf/ferry"));
         assert_eq!(c.inbound, InboundMode::Strict);
         assert_eq!(c.ports.hbone, 15008);
+    }
+
+    #[test]
+    fn certificates_resolve_against_the_config_dir_and_parse_ttls() {
+        let c = parse("node: n1\nworkloads: w\ntrust_domain: cluster.local\ncertificates: {dir: certs, workload_ttl: 90s}\n")
+            .unwrap();
+        let certs = c.certificates.unwrap();
+        assert_eq!(certs.dir, PathBuf::from("/etc/ferry/certs"));
+        assert_eq!(certs.workload_ttl, std::time::Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("2h"),
+            Some(std::time::Duration::from_secs(7200))
+        );
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("h"), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::{
 use serde::Deserialize;
 
 use super::{ConfigError, node::is_dns_label, parse_yaml, read_file};
+use crate::identity::{Identity, SpiffeIdError, TrustDomain};
 
 /// How traffic to a workload is carried.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash, serde::Serialize)]
@@ -69,6 +70,11 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// The workload's SPIFFE identity in `td`.
+    pub fn identity(&self, td: &TrustDomain) -> Result<Identity, SpiffeIdError> {
+        Identity::new(td.clone(), &self.namespace, &self.service_account)
+    }
+
     /// `namespace/name`, unique within a workload set.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

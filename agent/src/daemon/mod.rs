@@ -16,7 +16,10 @@ use tokio::{
 use crate::{
     capture::{Capture, EnrolledPod, PodAddrs, PodListeners},
     config::{LocalPod, NodeConfig, WorkloadSet},
-    tunnel::{PodCtx, inbound, outbound},
+    identity::{CertStore, Identity, Minter},
+    netns::route,
+    tls,
+    tunnel::{Mesh, PodCtx, inbound, outbound},
 };
 
 /// How often the workloads file is checked for changes. Polling the content (not inotify) also follows
@@ -33,6 +36,18 @@ pub enum DaemonError {
     Capture(#[from] crate::capture::CaptureError),
     #[error("installing a signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("certificates: {0}")]
+    Mint(#[from] crate::identity::MintError),
+    #[error("workload {workload}: {source}")]
+    Identity {
+        workload: String,
+        source: crate::identity::SpiffeIdError,
+    },
+    #[error("TLS for {workload}: {source}")]
+    Tls {
+        workload: String,
+        source: crate::tls::TlsError,
+    },
 }
 
 /// What a running pod was enrolled with; a change re-enrolls it.
@@ -40,6 +55,8 @@ pub enum DaemonError {
 struct PodSpec {
     local: LocalPod,
     ips: Vec<std::net::IpAddr>,
+    namespace: String,
+    service_account: String,
 }
 
 struct RunningPod {
@@ -51,6 +68,7 @@ struct RunningPod {
 struct Daemon {
     cfg: Arc<NodeConfig>,
     capture: Arc<Capture>,
+    mesh: Arc<Mesh>,
     pods: HashMap<String, RunningPod>,
     /// Last enroll error per pod, so a pod that keeps failing is logged once per distinct error.
     failing: HashMap<String, String>,
@@ -69,11 +87,22 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         reopened = capture.reopened,
         "capture attached"
     );
+    let certs = match (&cfg.trust_domain, &cfg.certificates) {
+        (Some(td), Some(c)) => {
+            let minter = Minter::load(&c.dir, td.clone())?.with_ttl(c.workload_ttl)?;
+            tracing::info!(trust_domain = %td, dir = %c.dir.display(), "certificates loaded");
+            Some(Arc::new(CertStore::new(minter)))
+        }
+        _ => None,
+    };
     let mut workloads_text = crate::config::read_file(&cfg.workloads)?;
     let workloads = WorkloadSet::parse(&cfg.workloads, &workloads_text, &cfg.node)?;
+    let mesh = Arc::new(Mesh::new(&cfg, capture.clone(), certs));
+    mesh.set_workloads(Arc::new(workloads.clone()));
     let mut daemon = Daemon {
         cfg: cfg.clone(),
         capture,
+        mesh,
         pods: HashMap::new(),
         failing: HashMap::new(),
         workloads: Arc::new(workloads),
@@ -93,6 +122,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                         match WorkloadSet::parse(&cfg.workloads, &text, &cfg.node) {
                             Ok(set) => {
                                 daemon.workloads = Arc::new(set);
+                                daemon.mesh.set_workloads(daemon.workloads.clone());
                                 tracing::info!(workloads = daemon.workloads.len(), "workloads reloaded");
                             }
                             Err(e) => tracing::error!(error = %e, "workloads file rejected; keeping the last good one"),
@@ -123,6 +153,8 @@ impl Daemon {
                 let spec = PodSpec {
                     local: l.clone(),
                     ips: w.ips.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
                 };
                 (w.key(), spec)
             })
@@ -177,6 +209,28 @@ impl Daemon {
     }
 
     fn start_pod(&self, key: &str, spec: &PodSpec) -> Result<RunningPod, DaemonError> {
+        let identity = match &self.cfg.trust_domain {
+            Some(td) => Some(
+                Identity::new(td.clone(), &spec.namespace, &spec.service_account).map_err(
+                    |source| DaemonError::Identity {
+                        workload: key.to_owned(),
+                        source,
+                    },
+                )?,
+            ),
+            None => None,
+        };
+        let server_tls = match (&self.mesh.certs, &identity) {
+            (Some(certs), Some(id)) => Some(
+                tls::server_config_for_workload(certs.clone(), id.clone()).map_err(|source| {
+                    DaemonError::Tls {
+                        workload: key.to_owned(),
+                        source,
+                    }
+                })?,
+            ),
+            _ => None,
+        };
         let addrs = PodAddrs {
             local: &spec.local,
             ips: &spec.ips,
@@ -184,50 +238,64 @@ impl Daemon {
         let (enrolled, listeners) =
             self.capture
                 .enroll(&addrs, &self.cfg.ports, &self.cfg.cgroup_root)?;
+        let transparent = match route::prepare_transparent(
+            &enrolled.netns,
+            route::DELIVERY_MARK,
+            route::DELIVERY_TABLE,
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pod = %key, error = %e, "apps of this pod will see the pod's own address as the client's");
+                false
+            }
+        };
         let ctx = Arc::new(PodCtx {
             name: key.to_owned(),
             netns: enrolled.netns.clone(),
+            ips: spec.ips.clone(),
+            identity,
+            server_tls,
+            transparent,
         });
         let PodListeners {
             outbound,
             inbound,
-            hbone: _,
+            hbone,
         } = listeners;
         let mut tasks = Vec::new();
         for l in outbound {
-            let (ctx, capture, cfg, inflight) = (
-                ctx.clone(),
-                self.capture.clone(),
-                self.cfg.clone(),
-                self.inflight.clone(),
-            );
+            let (ctx, mesh, inflight) = (ctx.clone(), self.mesh.clone(), self.inflight.clone());
             let cookie = enrolled.netns_cookie;
             tasks.push(spawn_accept(l, ctx.name.clone(), move |stream, peer| {
-                let (ctx, capture, cfg, guard) =
-                    (ctx.clone(), capture.clone(), cfg.clone(), inflight.clone());
+                let (ctx, mesh, guard) = (ctx.clone(), mesh.clone(), inflight.clone());
                 async move {
-                    let orig = capture.take_orig_dst(cookie, peer);
-                    outbound::handle(&ctx, cfg.outbound_unknown, stream, peer, orig).await;
+                    let orig = mesh.capture.take_orig_dst(cookie, peer);
+                    outbound::handle(&mesh, &ctx, stream, peer, orig).await;
                     drop(guard);
                 }
             }));
         }
         for l in inbound {
-            let (ctx, capture, cfg, inflight) = (
-                ctx.clone(),
-                self.capture.clone(),
-                self.cfg.clone(),
-                self.inflight.clone(),
-            );
+            let (ctx, mesh, inflight) = (ctx.clone(), self.mesh.clone(), self.inflight.clone());
             tasks.push(spawn_accept(l, ctx.name.clone(), move |stream, peer| {
-                let (ctx, capture, cfg, guard) =
-                    (ctx.clone(), capture.clone(), cfg.clone(), inflight.clone());
+                let (ctx, mesh, guard) = (ctx.clone(), mesh.clone(), inflight.clone());
                 async move {
-                    inbound::handle_plaintext(&capture, &ctx, cfg.inbound, stream, peer).await;
+                    inbound::handle_plaintext(&mesh, &ctx, stream, peer).await;
                     drop(guard);
                 }
             }));
         }
+        for l in hbone {
+            let (ctx, mesh, inflight) = (ctx.clone(), self.mesh.clone(), self.inflight.clone());
+            tasks.push(spawn_accept(l, ctx.name.clone(), move |stream, peer| {
+                let (ctx, mesh, guard) = (ctx.clone(), mesh.clone(), inflight.clone());
+                async move {
+                    inbound::handle_hbone(mesh, ctx, stream, peer).await;
+                    drop(guard);
+                }
+            }));
+        }
+        self.mesh.add_local(ctx);
         Ok(RunningPod {
             spec: spec.clone(),
             enrolled,
@@ -236,6 +304,7 @@ impl Daemon {
     }
 
     fn stop_pod(&self, key: &str, pod: RunningPod) {
+        self.mesh.remove_local(key);
         if let Err(e) = self.capture.unenroll(&pod.enrolled) {
             tracing::error!(pod = %key, error = %e, "un-enrolling pod");
         }

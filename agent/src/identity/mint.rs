@@ -74,6 +74,8 @@ pub struct WorkloadCert {
     not_before: SystemTime,
     not_after: SystemTime,
     certified_key: Arc<CertifiedKey>,
+    /// Kept only so `ferry ca issue-workload` can write the key out for a non-Ferry peer.
+    key_pkcs8: Vec<u8>,
 }
 
 impl WorkloadCert {
@@ -121,6 +123,16 @@ impl WorkloadCert {
     }
 
     /// Chain and signing key, ready for rustls.
+    /// The chain and the private key as PEM, for peers that are not Ferry agents.
+    pub fn to_pem(&self) -> (String, String) {
+        let chain = self
+            .chain()
+            .iter()
+            .map(|c| pem_block("CERTIFICATE", c.as_ref()))
+            .collect();
+        (chain, pem_block("PRIVATE KEY", &self.key_pkcs8))
+    }
+
     pub fn certified_key(&self) -> Arc<CertifiedKey> {
         Arc::clone(&self.certified_key)
     }
@@ -273,7 +285,8 @@ impl Minter {
 
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let leaf = params.signed_by(&key, &self.issuer)?;
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let key_pkcs8 = key.serialize_der();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.clone()));
         let certified_key = CertifiedKey::from_der(
             vec![leaf.der().clone(), self.node_cert.clone()],
             key_der,
@@ -286,6 +299,7 @@ impl Minter {
             not_before,
             not_after,
             certified_key: Arc::new(certified_key),
+            key_pkcs8,
         })
     }
 
@@ -323,4 +337,8 @@ impl fmt::Debug for Minter {
             .field("node_not_after", &self.node_not_after)
             .finish_non_exhaustive()
     }
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der.to_vec()))
 }

@@ -3,6 +3,8 @@
 //! A socket belongs to the netns it was created in, whatever thread later uses it. So the agent, one
 //! process in the node's netns, switches the calling thread into a pod's netns only for the `socket()`
 //! call and switches straight back: a few syscalls, no thread per pod.
+pub mod route;
+
 use std::{
     fs::File,
     io,

@@ -41,6 +41,8 @@ pub struct ConnRecord {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub route: &'static str,
+    /// The identity at the other end, when the tunnel verified one.
+    pub peer: Option<String>,
     started: Instant,
 }
 
@@ -52,6 +54,7 @@ impl ConnRecord {
             src,
             dst,
             route: "",
+            peer: None,
             started: Instant::now(),
         }
     }
@@ -75,6 +78,7 @@ impl ConnRecord {
             src = %self.src,
             dst = %self.dst,
             route = self.route,
+            peer_identity = self.peer.as_deref().unwrap_or(""),
             result,
             reason = %reason,
             bytes_sent = sent,

@@ -1,25 +1,23 @@
-//! Inbound plaintext: a connection from outside the mesh, steered by `sk_lookup` to the agent's socket
-//! in the destination pod's netns. Its local address is the one the client dialled.
-use std::net::SocketAddr;
+//! Inbound: connections steered by `sk_lookup` to the agent's sockets in the destination pod's netns —
+//! plaintext from outside the mesh, or HBONE (mutual TLS) from other agents. Their local address is
+//! the one the client dialled.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpStream;
 
 use super::{
-    PodCtx,
+    ConnectRequest, HboneServer, Reject, ServerConfig, Upstream,
     conn::{ConnRecord, Direction, Outcome},
     deliver,
+    mesh::{Mesh, PodCtx},
     outbound::splice,
     reset,
 };
-use crate::{capture::Capture, config::InboundMode};
+use crate::{config::InboundMode, tls};
 
-pub async fn handle_plaintext(
-    capture: &Capture,
-    pod: &PodCtx,
-    mode: InboundMode,
-    mut client: TcpStream,
-    peer: SocketAddr,
-) {
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn handle_plaintext(mesh: &Mesh, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
     let dst = match client.local_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -28,22 +26,101 @@ pub async fn handle_plaintext(
         }
     };
     let mut rec = ConnRecord::new(Direction::Inbound, pod.name.clone(), peer, dst);
-    match mode {
+    rec.route = "plaintext";
+    match mesh.inbound {
         InboundMode::Strict => {
-            rec.route = "plaintext";
             reset(client);
             rec.finish(Outcome::Refused("plaintext inbound in strict mode".into()));
         }
-        InboundMode::Permissive => {
-            rec.route = "plaintext";
-            let mut app = match deliver(capture, &pod.netns, dst).await {
-                Ok(s) => s,
-                Err(e) => {
-                    reset(client);
-                    return rec.finish(Outcome::Unreachable(e.to_string()));
+        InboundMode::Permissive => match deliver(&mesh.capture, pod, Some(peer.ip()), dst).await {
+            Ok(app) => rec.finish(splice(client, app).await),
+            Err(e) => {
+                reset(client);
+                rec.finish(Outcome::Unreachable(e.to_string()));
+            }
+        },
+    }
+}
+
+/// One HBONE connection from another agent (or any HBONE peer of the trust domain): mutual TLS, then
+/// one CONNECT stream per proxied connection.
+pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
+    let fail = |reason: String| {
+        tracing::warn!(target: "ferry::hbone", pod = %pod.name, %peer, %reason, "HBONE connection refused");
+    };
+    let Some(server_tls) = pod.server_tls.clone() else {
+        reset(tcp);
+        return fail("this node has no trust domain configured".into());
+    };
+    let local = match tcp.local_addr() {
+        Ok(a) => a,
+        Err(e) => return fail(e.to_string()),
+    };
+    let _ = tcp.set_nodelay(true);
+    let accept = tokio_rustls::TlsAcceptor::from(server_tls).accept(tcp);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return fail(format!("TLS handshake: {e}")),
+        Err(_) => return fail("TLS handshake timed out".into()),
+    };
+    let conn = tls.get_ref().1;
+    if conn.alpn_protocol() != Some(tls::ALPN_H2) {
+        return fail("peer did not negotiate ALPN h2".into());
+    }
+    let peer_id = match tls::peer_identity(conn.peer_certificates().unwrap_or_default()) {
+        Ok(id) => id,
+        Err(e) => return fail(format!("peer identity: {e}")),
+    };
+    let handler_pod = pod.clone();
+    let handler_mesh = mesh.clone();
+    let peer_id_str = peer_id.to_string();
+    let handler = Arc::new(move |req: ConnectRequest| {
+        let (pod, mesh, peer_id) = (
+            handler_pod.clone(),
+            handler_mesh.clone(),
+            peer_id_str.clone(),
+        );
+        async move {
+            let src = req
+                .forwarded_for
+                .filter(|f| f.ip() == peer.ip())
+                .unwrap_or(peer);
+            let mut rec = ConnRecord::new(Direction::Inbound, pod.name.clone(), src, req.target);
+            rec.route = "hbone";
+            rec.peer = Some(peer_id);
+            let own = [mesh.ports.outbound, mesh.ports.inbound, mesh.ports.hbone];
+            if own.contains(&req.target.port()) {
+                rec.finish(Outcome::Unreachable("targets the agent's own port".into()));
+                return Err(Reject::Unreachable);
+            }
+            match deliver(&mesh.capture, &pod, Some(peer.ip()), req.target).await {
+                Ok(app) => {
+                    let _ = app.set_nodelay(true);
+                    Ok(Upstream::new(app).on_complete(move |r| {
+                        rec.finish(match r {
+                            Ok(o) => Outcome::Closed {
+                                sent: o.received,
+                                received: o.sent,
+                            },
+                            Err(e) => Outcome::Error {
+                                sent: 0,
+                                received: 0,
+                                error: e.to_string(),
+                            },
+                        })
+                    }))
                 }
-            };
-            rec.finish(splice(&mut client, &mut app).await);
+                Err(e) => {
+                    rec.finish(Outcome::Unreachable(e.to_string()));
+                    Err(Reject::Unreachable)
+                }
+            }
         }
+    });
+    if let Err(e) = HboneServer::new(handler, ServerConfig::default())
+        .serve_connection(tls, Some(local.ip()))
+        .await
+    {
+        tracing::debug!(target: "ferry::hbone", pod = %pod.name, %peer, error = %e, "HBONE connection ended");
     }
 }

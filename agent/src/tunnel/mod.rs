@@ -57,6 +57,7 @@ mod error;
 pub mod hbone_client;
 pub mod hbone_server;
 pub mod inbound;
+pub mod mesh;
 pub mod outbound;
 pub mod pool;
 mod settings;
@@ -69,6 +70,7 @@ pub use hbone_server::{
     BoxFuture, ConnectHandler, ConnectRequest, HboneServer, Reject, ServerConfig, Upstream,
     serve_connection,
 };
+pub use mesh::{Mesh, PodCtx};
 pub use pool::{Pool, PoolConfig, PoolStats, PooledClient};
 pub use settings::{H2Settings, Keepalive};
 
@@ -79,18 +81,14 @@ pub trait AsyncIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncIo for T {}
 
-use std::{io, net::SocketAddr};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+};
 
 use tokio::net::TcpStream;
 
 use crate::{capture::Capture, netns::Netns};
-
-/// A pod of this node, as the connection handlers see it.
-pub struct PodCtx {
-    /// `namespace/name`.
-    pub name: String,
-    pub netns: Netns,
-}
 
 /// Closes with a reset rather than a FIN: the peer must not mistake a refusal for an empty reply.
 pub fn reset(stream: TcpStream) {
@@ -107,12 +105,30 @@ pub async fn connect_in(netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream>
         .await
 }
 
-/// Delivers to an app inside its own pod netns: the connection is announced to `sk_lookup` by its
-/// addresses so it reaches the app instead of being steered back to the agent.
-pub async fn deliver(capture: &Capture, netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream> {
-    let sock = netns.tcp_socket(dst.is_ipv6())?;
-    // Binding first fixes the source port, which the announcement needs.
-    sock.bind(&SocketAddr::new(dst.ip(), 0).into())?;
+/// Delivers to an app inside its pod's netns, from `src` (the original client's address, when the pod
+/// is prepared for transparent deliveries) or else from the pod's own address. The connection is
+/// announced to `sk_lookup` by its addresses so it reaches the app instead of being steered back.
+pub async fn deliver(
+    capture: &Capture,
+    pod: &PodCtx,
+    src: Option<IpAddr>,
+    dst: SocketAddr,
+) -> io::Result<TcpStream> {
+    let sock = match src {
+        Some(src) if pod.transparent && src.is_ipv4() == dst.is_ipv4() && src != dst.ip() => {
+            crate::netns::route::transparent_socket(
+                &pod.netns,
+                src,
+                crate::netns::route::DELIVERY_MARK,
+            )?
+        }
+        _ => {
+            let sock = pod.netns.tcp_socket(dst.is_ipv6())?;
+            // Binding first fixes the source port, which the announcement needs.
+            sock.bind(&SocketAddr::new(dst.ip(), 0).into())?;
+            sock
+        }
+    };
     let src = sock
         .local_addr()?
         .as_socket()

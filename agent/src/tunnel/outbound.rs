@@ -4,16 +4,18 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 use super::{
-    PodCtx,
+    CopyStats, PodCtx, TunnelError,
     conn::{ConnRecord, Direction, Outcome},
-    connect_in, reset,
+    connect_in, deliver,
+    mesh::{Mesh, Route},
+    reset,
 };
 use crate::config::OutboundUnknown;
 
 pub async fn handle(
+    mesh: &Mesh,
     pod: &PodCtx,
-    policy: OutboundUnknown,
-    mut app: TcpStream,
+    app: TcpStream,
     peer: SocketAddr,
     orig_dst: Option<SocketAddr>,
 ) {
@@ -25,31 +27,88 @@ pub async fn handle(
         return;
     };
     let mut rec = ConnRecord::new(Direction::Outbound, pod.name.clone(), peer, dst);
-    match policy {
-        OutboundUnknown::Refuse => {
-            rec.route = "refused";
-            reset(app);
-            rec.finish(Outcome::Refused("destination outside the mesh".into()));
+    let set = mesh.workloads();
+    match mesh.route(&set, dst) {
+        Route::External => match mesh.outbound_unknown {
+            OutboundUnknown::Refuse => {
+                rec.route = "refused";
+                reset(app);
+                rec.finish(Outcome::Refused("destination outside the mesh".into()));
+            }
+            OutboundUnknown::Passthrough => {
+                rec.route = "passthrough";
+                match connect_in(&pod.netns, dst).await {
+                    Ok(upstream) => rec.finish(splice(app, upstream).await),
+                    Err(e) => {
+                        reset(app);
+                        rec.finish(Outcome::Unreachable(e.to_string()));
+                    }
+                }
+            }
+        },
+        Route::SameNode(dst_pod) => {
+            rec.route = "same-node";
+            rec.peer = dst_pod.identity.as_ref().map(ToString::to_string);
+            let src_ip = pod.ip_like(dst.ip());
+            match deliver(&mesh.capture, &dst_pod, src_ip, dst).await {
+                Ok(upstream) => rec.finish(splice(app, upstream).await),
+                Err(e) => {
+                    reset(app);
+                    rec.finish(Outcome::Unreachable(e.to_string()));
+                }
+            }
         }
-        OutboundUnknown::Passthrough => {
-            rec.route = "passthrough";
-            let mut upstream = match connect_in(&pod.netns, dst).await {
-                Ok(s) => s,
+        Route::Hbone {
+            workload: _,
+            identity,
+        } => {
+            rec.route = "hbone";
+            rec.peer = Some(identity.to_string());
+            let client = match mesh.hbone_client(pod, dst.ip(), identity).await {
+                Ok(c) => c,
                 Err(e) => {
                     reset(app);
                     return rec.finish(Outcome::Unreachable(e.to_string()));
                 }
             };
-            rec.finish(splice(&mut app, &mut upstream).await);
+            let forwarded =
+                SocketAddr::new(pod.ip_like(dst.ip()).unwrap_or(peer.ip()), peer.port());
+            let stream = match client.connect(dst, forwarded).await {
+                Ok(s) => s,
+                Err(e) => {
+                    reset(app);
+                    let outcome = match e {
+                        TunnelError::Denied => {
+                            Outcome::Refused("denied by the destination's policy (401)".into())
+                        }
+                        other => Outcome::Unreachable(other.to_string()),
+                    };
+                    return rec.finish(outcome);
+                }
+            };
+            let _ = app.set_nodelay(true);
+            let stats = CopyStats::new();
+            let outcome = match stream.relay(app, &stats).await {
+                Ok(o) => Outcome::Closed {
+                    sent: o.sent,
+                    received: o.received,
+                },
+                Err(e) => Outcome::Error {
+                    sent: stats.sent(),
+                    received: stats.received(),
+                    error: e.to_string(),
+                },
+            };
+            rec.finish(outcome);
         }
     }
 }
 
 /// Copies both ways with half-close carried through, and reports the byte counts.
-pub async fn splice(app: &mut TcpStream, upstream: &mut TcpStream) -> Outcome {
-    let _ = app.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional(app, upstream).await {
+pub async fn splice(mut a: TcpStream, mut b: TcpStream) -> Outcome {
+    let _ = a.set_nodelay(true);
+    let _ = b.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
         Ok((sent, received)) => Outcome::Closed { sent, received },
         Err(e) => Outcome::Error {
             sent: 0,

@@ -28,6 +28,14 @@ fn main() {
             let send = arg(&args, "--send").unwrap_or_default();
             println!("{}", dial(to, &send, timeout(&args)));
         }
+        Some("dial-bulk") => {
+            let to = parse_addr(&arg(&args, "--to").unwrap_or_default());
+            let bytes: usize = arg(&args, "--bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let expect: Option<usize> = arg(&args, "--expect").and_then(|v| v.parse().ok());
+            println!("{}", dial_bulk(to, bytes, expect, timeout(&args)));
+        }
         Some("dial-many") => {
             let targets: Vec<SocketAddr> = arg(&args, "--to")
                 .unwrap_or_default()
@@ -95,10 +103,14 @@ fn serve(args: &[String]) {
             }
         };
         let tag = tag.clone();
+        let first: Option<usize> = arg(args, "--send-first").and_then(|v| v.parse().ok());
         threads.push(std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let tag = tag.clone();
-                std::thread::spawn(move || handle(conn, &tag));
+                std::thread::spawn(move || match first {
+                    Some(n) => handle_send_first(conn, &tag, n),
+                    None => handle(conn, &tag),
+                });
             }
         }));
     }
@@ -223,6 +235,119 @@ fn handle(mut conn: TcpStream, tag: &str) {
         }
     }
     let _ = conn.shutdown(Shutdown::Write);
+}
+
+/// The byte at offset `i` of every bulk transfer: a pattern that catches reordering and loss.
+fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(31) % 251) as u8
+}
+
+fn write_pattern(w: &mut impl Write, n: usize) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0;
+    while off < n {
+        let len = buf.len().min(n - off);
+        for (j, b) in buf[..len].iter_mut().enumerate() {
+            *b = pattern(off + j);
+        }
+        w.write_all(&buf[..len])?;
+        off += len;
+    }
+    Ok(())
+}
+
+/// Reads to EOF; returns (count, whether every byte matched the pattern).
+fn read_pattern(r: &mut impl Read) -> std::io::Result<(usize, bool)> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut n, mut intact) = (0usize, true);
+    loop {
+        let got = r.read(&mut buf)?;
+        if got == 0 {
+            return Ok((n, intact));
+        }
+        intact &= buf[..got]
+            .iter()
+            .enumerate()
+            .all(|(j, b)| *b == pattern(n + j));
+        n += got;
+    }
+}
+
+/// Server half-closes first: greeting, `n` pattern bytes, FIN; then reads the client's bytes to EOF.
+fn handle_send_first(mut conn: TcpStream, tag: &str, n: usize) {
+    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    println!("accepted {peer} {local}");
+    if conn
+        .write_all(format!("{tag} peer={peer} local={local}\n").as_bytes())
+        .is_err()
+        || write_pattern(&mut conn, n).is_err()
+        || conn.shutdown(Shutdown::Write).is_err()
+    {
+        println!("send-first failed");
+        return;
+    }
+    match read_pattern(&mut conn) {
+        Ok((got, intact)) => println!("got {got} intact={intact}"),
+        Err(e) => println!("read failed: {e}"),
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// Client of a bulk transfer. Without `expect`: sends `bytes`, half-closes, reads the echo to EOF.
+/// With `expect`: reads the server's `expect` bytes to EOF first, then sends `bytes` and half-closes.
+fn dial_bulk(to: SocketAddr, bytes: usize, expect: Option<usize>, timeout: Duration) -> String {
+    let fail = |e: &dyn std::fmt::Display| {
+        format!("{{\"ok\":false,\"error\":{}}}", json_str(&e.to_string()))
+    };
+    let conn = match TcpStream::connect_timeout(&to, timeout) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let _ = conn.set_read_timeout(Some(timeout));
+    let mut reader = BufReader::with_capacity(
+        64 * 1024,
+        match conn.try_clone() {
+            Ok(c) => c,
+            Err(e) => return fail(&e),
+        },
+    );
+    let mut greeting = String::new();
+    if let Err(e) = reader.read_line(&mut greeting) {
+        return fail(&e);
+    }
+    let mut w = match conn.try_clone() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let (received, intact) = if let Some(expect) = expect {
+        let r = match read_pattern(&mut reader) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+        if let Err(e) = write_pattern(&mut w, bytes).and_then(|_| w.shutdown(Shutdown::Write)) {
+            return fail(&e);
+        }
+        (r.0, r.1 && r.0 == expect)
+    } else {
+        let writer = std::thread::spawn(move || {
+            write_pattern(&mut w, bytes).and_then(|_| w.shutdown(Shutdown::Write))
+        });
+        let r = match read_pattern(&mut reader) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+        match writer.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return fail(&e),
+            Err(_) => return fail(&"writer panicked"),
+        }
+        (r.0, r.1 && r.0 == bytes)
+    };
+    format!(
+        "{{\"ok\":true,\"received\":{received},\"intact\":{intact},\"greeting\":{}}}",
+        json_str(greeting.trim_end())
+    )
 }
 
 fn json_str(s: &str) -> String {

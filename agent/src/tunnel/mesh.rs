@@ -1,0 +1,215 @@
+//! Node-wide state the connection handlers share: who is where, certificates, the HBONE pool.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use rustls::pki_types::ServerName;
+
+use super::{HboneClient, Pool, PoolConfig, PooledClient, TunnelError, connect_in};
+use crate::{
+    capture::Capture,
+    config::{InboundMode, NodeConfig, OutboundUnknown, Ports, Protocol, Workload, WorkloadSet},
+    identity::{CertStore, Identity, TrustDomain},
+    netns::Netns,
+    tls,
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pod of this node, as the connection handlers see it.
+pub struct PodCtx {
+    /// `namespace/name`.
+    pub name: String,
+    pub netns: Netns,
+    pub ips: Vec<IpAddr>,
+    /// Set when the node has a trust domain (mesh traffic); without it the agent only captures.
+    pub identity: Option<Identity>,
+    /// TLS for HBONE connections to this pod, presenting its certificate.
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether the pod's netns is prepared for deliveries that keep the client's source address.
+    pub transparent: bool,
+}
+
+impl PodCtx {
+    /// The pod's address of the same family as `like`, for the `forwarded` header and deliveries.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+    }
+}
+
+/// Pooled HBONE connections are never shared between two pods, even of one service account.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_pod: String,
+    pub dst_ip: IpAddr,
+    pub identity: Identity,
+}
+
+/// Where a captured outbound connection goes.
+pub enum Route<'a> {
+    /// Outside the mesh (unknown IP or a TCP workload).
+    External,
+    /// A mesh pod of this node: delivered directly, no TLS hop.
+    SameNode(Arc<PodCtx>),
+    /// A mesh pod of another node: HBONE to it, which must present `identity`.
+    Hbone {
+        workload: &'a Workload,
+        identity: Identity,
+    },
+}
+
+pub struct Mesh {
+    pub node: String,
+    pub ports: Ports,
+    pub inbound: InboundMode,
+    pub outbound_unknown: OutboundUnknown,
+    pub capture: Arc<Capture>,
+    pub trust_domain: Option<TrustDomain>,
+    pub certs: Option<Arc<CertStore>>,
+    pub pool: Pool<PoolKey>,
+    workloads: RwLock<Arc<WorkloadSet>>,
+    local: RwLock<HashMap<IpAddr, Arc<PodCtx>>>,
+}
+
+impl Mesh {
+    pub fn new(cfg: &NodeConfig, capture: Arc<Capture>, certs: Option<Arc<CertStore>>) -> Self {
+        Self {
+            node: cfg.node.clone(),
+            ports: cfg.ports,
+            inbound: cfg.inbound,
+            outbound_unknown: cfg.outbound_unknown,
+            capture,
+            trust_domain: cfg.trust_domain.clone(),
+            certs,
+            pool: Pool::new(PoolConfig::default()),
+            workloads: RwLock::new(Arc::new(WorkloadSet::default())),
+            local: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn workloads(&self) -> Arc<WorkloadSet> {
+        self.workloads.read().map(|w| w.clone()).unwrap_or_default()
+    }
+
+    pub fn set_workloads(&self, set: Arc<WorkloadSet>) {
+        if let Ok(mut w) = self.workloads.write() {
+            *w = set;
+        }
+    }
+
+    pub fn add_local(&self, pod: Arc<PodCtx>) {
+        if let Ok(mut m) = self.local.write() {
+            for ip in &pod.ips {
+                m.insert(*ip, pod.clone());
+            }
+        }
+    }
+
+    pub fn remove_local(&self, name: &str) {
+        if let Ok(mut m) = self.local.write() {
+            m.retain(|_, p| p.name != name);
+        }
+    }
+
+    fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodCtx>> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.local.read().ok()?.get(&ip).cloned()
+    }
+
+    /// Decides where a connection to `dst` goes. `set` must outlive the route (it borrows from it).
+    pub fn route<'a>(&self, set: &'a WorkloadSet, dst: SocketAddr) -> Route<'a> {
+        let Some(td) = &self.trust_domain else {
+            return Route::External;
+        };
+        match set.by_ip(dst.ip()) {
+            Some(w) if w.protocol == Protocol::Hbone => {
+                if w.node == self.node {
+                    return match self.local_pod(dst.ip()) {
+                        Some(pod) => Route::SameNode(pod),
+                        // Known to be ours but not enrolled (yet): never leak it in plaintext.
+                        None => Route::Hbone {
+                            workload: w,
+                            identity: match w.identity(td) {
+                                Ok(id) => id,
+                                Err(_) => return Route::External,
+                            },
+                        },
+                    };
+                }
+                match w.identity(td) {
+                    Ok(identity) => Route::Hbone {
+                        workload: w,
+                        identity,
+                    },
+                    Err(_) => Route::External,
+                }
+            }
+            _ => Route::External,
+        }
+    }
+
+    /// A stream slot on an HBONE connection from `src` to `dst_ip`, whose server must be `identity`;
+    /// opens (TCP from the source pod's netns, then mutual TLS, then HTTP/2) when the pool has none.
+    pub async fn hbone_client(
+        &self,
+        src: &PodCtx,
+        dst_ip: IpAddr,
+        identity: Identity,
+    ) -> Result<PooledClient, TunnelError> {
+        let (certs, src_id) = match (&self.certs, &src.identity) {
+            (Some(c), Some(id)) => (c, id),
+            _ => return Err(TunnelError::Closed),
+        };
+        let cert = certs.get(src_id).map_err(|e| {
+            TunnelError::Io(std::io::Error::other(format!(
+                "certificate of {src_id}: {e}"
+            )))
+        })?;
+        let key = PoolKey {
+            src_pod: src.name.clone(),
+            dst_ip,
+            identity: identity.clone(),
+        };
+        let config = tls::client_config(certs.bundle(), cert.certified_key(), identity)
+            .map_err(|e| TunnelError::Io(std::io::Error::other(e.to_string())))?;
+        let hbone_port = self.ports.hbone;
+        let netns = src.netns.clone();
+        self.pool
+            .get_or_connect(key, cert.generation(), move || async move {
+                let addr = SocketAddr::new(dst_ip, hbone_port);
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect_in(&netns, addr))
+                    .await
+                    .map_err(|_| {
+                        TunnelError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting to {addr}"),
+                        ))
+                    })??;
+                let _ = tcp.set_nodelay(true);
+                let tls = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    tokio_rustls::TlsConnector::from(config)
+                        .connect(ServerName::IpAddress(dst_ip.into()), tcp),
+                )
+                .await
+                .map_err(|_| TunnelError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+                if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+                    return Err(TunnelError::Io(std::io::Error::other(
+                        "peer did not negotiate ALPN h2",
+                    )));
+                }
+                HboneClient::handshake(tls).await
+            })
+            .await
+    }
+}

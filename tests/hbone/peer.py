@@ -8,18 +8,26 @@ Server mode: answers CONNECT with 200 and echoes the stream's bytes (END_STREAM 
 answered with END_STREAM after the echo), 401 for --deny targets, 503 for --unreachable targets, 400 for
 a non-CONNECT method, :scheme/:path on a CONNECT, a missing or non-`ip:port` authority, or an authority
 IP not in --local-ip (when given). Each request is logged on stdout as
-`REQUEST method=.. authority=.. forwarded=.. status=..`; the first line is `LISTENING <port>`.
+`REQUEST method=.. authority=.. forwarded=.. status=..`; the first line is `LISTENING <port>`. Each
+request is also logged as one JSON line, `SEEN {...}`: every header as received (pseudo-headers
+included, in order), whether the HEADERS frame ended the stream, the client's SETTINGS and connection
+window at that moment, the TCP peer, and (with TLS) the connection's `tls` facts. A failed TLS
+handshake is logged as `TLS_ERROR <reason>`.
 
 Client mode: sends one CONNECT (or a deliberately bad request), sends the payload, half-closes, reads
 until the server's END_STREAM, and prints `STATUS <n>`, `RESET <code>`, `SENT <n>`, `RECEIVED <n>`,
-`ECHO_MATCH <true|false>`, `BODY <repr>`.
+`ECHO_MATCH <true|false>`, `BODY <repr>`. With TLS it first prints `TLS {...}` (JSON, the facts of the
+handshake, the server's URI SANs among them); TLS failures print `TLS_ERROR <reason>` and other
+connection failures `CONNECTION_ERROR <reason>`, with exit status 3.
 
 Plain TCP by default. --cert/--key/--ca switch to TLS 1.3 with ALPN h2 (mutual when --ca is given on
-the server and --cert/--key on the client); SPIFFE identity checks are left to the integrating test.
+the server and --cert/--key on the client); SPIFFE identity checks are left to the integrating test,
+which gets the peer's URI SANs in the `TLS`/`SEEN` JSON lines.
 """
 
 import argparse
 import ipaddress
+import json
 import socket
 import ssl
 import sys
@@ -45,6 +53,7 @@ del SERVER_SETTINGS[h2.settings.SettingCodes.ENABLE_PUSH]
 CONNECTION_WINDOW = 16 * MIB
 DEFAULT_WINDOW = 65535
 IO_TIMEOUT = 20.0
+SNI = {}  # id(ssl socket) -> server name the client sent (server side)
 
 
 def log(line):
@@ -85,12 +94,36 @@ def tls_context(args, server_side):
     if args.ca:
         ctx.load_verify_locations(args.ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
-    if not server_side:
+    if server_side:
+        # HBONE clients send no SNI; record what arrives so a test can check it.
+        def record_sni(ssl_sock, server_name, _ctx):
+            SNI[id(ssl_sock)] = server_name
+
+        ctx.sni_callback = record_sni
+    else:
         # SPIFFE certificates carry URI SANs only; host name checks do not apply (and no SNI is sent).
         ctx.check_hostname = False
         if not args.ca:
             ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def tls_facts(sock, side):
+    """What a TLS connection negotiated and who the peer is, as a JSON-able dict."""
+    cert = sock.getpeercert() or {}
+    uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+    cipher = sock.cipher()
+    facts = {
+        "side": side,
+        "version": sock.version(),
+        "alpn": sock.selected_alpn_protocol(),
+        "cipher": cipher[0] if cipher else None,
+        "peer_uris": uris,
+        "peer_cert": bool(cert),
+    }
+    if side == "server":
+        facts["sni"] = SNI.pop(id(sock), None)
+    return facts
 
 
 class Peer:
@@ -170,23 +203,45 @@ def decide(headers, args):
     return 200
 
 
-def serve_connection(sock, args):
+def setting_name(code):
+    try:
+        return h2.settings.SettingCodes(code).name
+    except ValueError:
+        return str(int(code))
+
+
+def serve_connection(sock, args, tls=None, tcp_peer=None):
     peer = Peer(sock, client_side=False, validate=False)
     try:
         peer.start(SERVER_SETTINGS)
         open_streams = set()
+        client_settings = {}
         while True:
             events = peer.receive()
             if events is None:
                 break
             for event in events:
-                if isinstance(event, h2.events.RequestReceived):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    for code, change in event.changed_settings.items():
+                        client_settings[setting_name(code)] = change.new_value
+                elif isinstance(event, h2.events.RequestReceived):
                     headers = dict(event.headers)
                     status = decide(headers, args)
                     log(
                         f"REQUEST method={headers.get(':method')} authority={headers.get(':authority')} "
                         f"forwarded={headers.get('forwarded')} status={status}"
                     )
+                    seen = {
+                        "stream": event.stream_id,
+                        "headers": [[k, v] for k, v in event.headers],
+                        "end_stream": event.stream_ended is not None,
+                        "status": status,
+                        "settings": dict(client_settings),
+                        "conn_window": peer.conn.outbound_flow_control_window,
+                        "tcp_peer": tcp_peer,
+                        "tls": tls,
+                    }
+                    log(f"SEEN {json.dumps(seen, sort_keys=True)}")
                     peer.conn.send_headers(
                         event.stream_id, [(":status", str(status))], end_stream=status != 200
                     )
@@ -225,6 +280,8 @@ def run_server(args):
 
 
 def serve_tls_or_plain(sock, ctx, args):
+    tcp_peer = format_addr(*addr_of(sock.getpeername()))
+    tls = None
     if ctx is not None:
         try:
             sock = ctx.wrap_socket(sock, server_side=True)
@@ -232,7 +289,15 @@ def serve_tls_or_plain(sock, ctx, args):
             log(f"TLS_ERROR {e}")
             sock.close()
             return
-    serve_connection(sock, args)
+        tls = tls_facts(sock, "server")
+    serve_connection(sock, args, tls, tcp_peer)
+
+
+def addr_of(sockaddr):
+    ip = ipaddress.ip_address(sockaddr[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip, sockaddr[1]
 
 
 def parse_listen(text):
@@ -267,11 +332,29 @@ def request_headers(args):
 
 
 def run_client(args):
-    host, port = parse_listen(args.connect)
-    sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
-    ctx = tls_context(args, server_side=False)
-    if ctx is not None:
-        sock = ctx.wrap_socket(sock, server_hostname=None)
+    """Exit status 0, or 3 when TLS or the connection failed (after printing why)."""
+    sock = None
+    try:
+        host, port = parse_listen(args.connect)
+        sock = socket.create_connection((host, port), timeout=IO_TIMEOUT)
+        ctx = tls_context(args, server_side=False)
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_hostname=None)
+            log(f"TLS {json.dumps(tls_facts(sock, 'client'), sort_keys=True)}")
+        client_exchange(sock, args)
+    except ssl.SSLError as e:
+        log(f"TLS_ERROR {e}")
+        return 3
+    except (OSError, h2.exceptions.ProtocolError) as e:
+        log(f"CONNECTION_ERROR {type(e).__name__}: {e}")
+        return 3
+    finally:
+        if sock is not None:
+            sock.close()
+    return 0
+
+
+def client_exchange(sock, args):
     bad = args.method != "CONNECT" or args.scheme_path or args.authority is not None
     peer = Peer(sock, client_side=True, validate=not bad)
     peer.start(CLIENT_SETTINGS)
@@ -316,7 +399,6 @@ def run_client(args):
         peer.flush()
     except (OSError, h2.exceptions.ProtocolError):
         pass
-    sock.close()
 
 
 def main():
@@ -355,9 +437,8 @@ def main():
         args.deny = {format_addr(*parse_addr(t)) for t in args.deny}
         args.unreachable = {format_addr(*parse_addr(t)) for t in args.unreachable}
         run_server(args)
-    else:
-        run_client(args)
-    return 0
+        return 0
+    return run_client(args)
 
 
 if __name__ == "__main__":

@@ -868,3 +868,78 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Captures every frame seen on an interface of a netns (AF_PACKET), until stopped.
+pub struct Sniffer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Result<Vec<u8>>>,
+}
+
+impl Sniffer {
+    /// Starts capturing on `iface` inside `netns`; returns once the socket is bound.
+    pub fn start(netns: &str, iface: &str) -> Result<Self> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ns_path, iface, stop2) = (format!("/var/run/netns/{netns}"), iface.to_owned(), stop.clone());
+        let handle = std::thread::spawn(move || -> Result<Vec<u8>> {
+            let ns = File::open(&ns_path)?;
+            // This thread is the sniffer's own: switching its netns affects nothing else.
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let ifname = CString::new(iface.clone())?;
+            // SAFETY: plain socket syscalls on descriptors this thread owns.
+            unsafe {
+                let ifindex = libc::if_nametoindex(ifname.as_ptr());
+                if ifindex == 0 {
+                    let _ = ready_tx.send(Err(format!("no interface {iface}")));
+                    bail!("no interface {iface}");
+                }
+                let proto = (libc::ETH_P_ALL as u16).to_be();
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto));
+                if fd < 0 {
+                    let e = std::io::Error::last_os_error();
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return Err(e.into());
+                }
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = ifindex as i32;
+                if libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) != 0 {
+                    let e = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return Err(e.into());
+                }
+                let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+                let _ = ready_tx.send(Ok(()));
+                let mut all = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                    if n > 0 {
+                        all.extend_from_slice(&buf[..n as usize]);
+                    }
+                }
+                libc::close(fd);
+                Ok(all)
+            }
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(Self { stop, handle }),
+            Ok(Err(e)) => bail!("sniffer on {netns}/{}: {e}", "iface"),
+            Err(_) => bail!("sniffer did not start"),
+        }
+    }
+
+    /// Stops and returns every byte of every frame seen.
+    pub fn stop(self) -> Result<Vec<u8>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().map_err(|_| anyhow::anyhow!("sniffer panicked"))?
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}

@@ -98,12 +98,12 @@ impl WorkloadCert {
 
     /// Half-life: renewing here leaves peers with lagging clocks and in-flight handshakes plenty
     /// of margin before the old certificate stops verifying.
+    /// Measured from issuance, not from the back-dated `not_before`: with a short TTL the back-dating
+    /// would otherwise put half-life in the past and renew on every use.
     pub fn renew_at(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + lifetime / 2
+        let issued = (self.not_before + CLOCK_SKEW_ALLOWANCE).min(self.not_after);
+        let lifetime = self.not_after.duration_since(issued).unwrap_or_default();
+        issued + lifetime / 2
     }
 
     /// Whether the cert should be replaced at `now`: past half-life, or not yet valid (the clock

@@ -36,6 +36,11 @@ fn main() {
             let expect: Option<usize> = arg(&args, "--expect").and_then(|v| v.parse().ok());
             println!("{}", dial_bulk(to, bytes, expect, timeout(&args)));
         }
+        Some("hold") => {
+            let to = parse_addr(&arg(&args, "--to").unwrap_or_default());
+            let secs: u64 = arg(&args, "--seconds").and_then(|v| v.parse().ok()).unwrap_or(10);
+            println!("{}", hold(to, Duration::from_secs(secs)));
+        }
         Some("dial-many") => {
             let targets: Vec<SocketAddr> = arg(&args, "--to")
                 .unwrap_or_default()
@@ -348,6 +353,51 @@ fn dial_bulk(to: SocketAddr, bytes: usize, expect: Option<usize>, timeout: Durat
         "{{\"ok\":true,\"received\":{received},\"intact\":{intact},\"greeting\":{}}}",
         json_str(greeting.trim_end())
     )
+}
+
+/// A long-lived connection: one byte every 50 ms, each echo awaited, for `len` or until it breaks.
+/// Prints `connected` once the greeting arrived, then one JSON line at the end.
+fn hold(to: SocketAddr, len: Duration) -> String {
+    let start = std::time::Instant::now();
+    let fail = |e: &dyn std::fmt::Display| {
+        format!(
+            "{{\"ok\":false,\"error\":{},\"after_ms\":{}}}",
+            json_str(&e.to_string()),
+            start.elapsed().as_millis()
+        )
+    };
+    let conn = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut reader = BufReader::new(match conn.try_clone() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    });
+    let mut greeting = String::new();
+    if let Err(e) = reader.read_line(&mut greeting) {
+        return fail(&e);
+    }
+    println!("connected");
+    let _ = std::io::stdout().flush();
+    let mut w = &conn;
+    let mut rounds = 0u64;
+    while start.elapsed() < len {
+        if let Err(e) = w.write_all(b"x") {
+            return fail(&e);
+        }
+        let mut b = [0u8; 1];
+        match reader.read(&mut b) {
+            Ok(1) if b[0] == b'x' => rounds += 1,
+            Ok(0) => return fail(&"EOF"),
+            Ok(_) => return fail(&"wrong byte"),
+            Err(e) => return fail(&e),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = conn.shutdown(Shutdown::Write);
+    format!("{{\"ok\":true,\"rounds\":{rounds},\"after_ms\":{}}}", start.elapsed().as_millis())
 }
 
 fn json_str(s: &str) -> String {

@@ -13,6 +13,8 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+pub mod route;
+
 /// An open handle on a network namespace.
 #[derive(Clone, Debug)]
 pub struct Netns {

@@ -240,8 +240,8 @@ impl Daemon {
                 .enroll(&addrs, &self.cfg.ports, &self.cfg.cgroup_root)?;
         let transparent = match route::prepare_transparent(
             &enrolled.netns,
-            route::DELIVERY_MARK,
-            route::DELIVERY_TABLE,
+            route::DEFAULT_MARK,
+            route::DEFAULT_TABLE,
         ) {
             Ok(()) => true,
             Err(e) => {

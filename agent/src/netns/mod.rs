@@ -15,6 +15,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+
 /// An open handle on a network namespace.
 #[derive(Clone, Debug)]
 pub struct Netns {

@@ -119,7 +119,7 @@ pub async fn deliver(
             crate::netns::route::transparent_socket(
                 &pod.netns,
                 src,
-                crate::netns::route::DELIVERY_MARK,
+                crate::netns::route::DEFAULT_MARK,
             )?
         }
         _ => {

@@ -773,21 +773,32 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
+    // Drained while the child runs: a full pipe would block it forever.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
             let mut out = String::new();
-            let mut err = String::new();
-            if let Some(mut s) = child.stdout.take() {
-                s.read_to_string(&mut out)?;
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut out);
             }
-            if let Some(mut s) = child.stderr.take() {
-                s.read_to_string(&mut err)?;
-            }
-            if !status.success() {
-                bail!("{cmd:?} exited with {status}: {err}{out}");
-            }
-            return Ok(out);
+            out
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -795,7 +806,13 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<String> {
             bail!("{cmd:?} did not finish within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    if !status.success() {
+        bail!("{cmd:?} exited with {status}: {err}{out}");
     }
+    Ok(out)
 }
 
 /// The test world's app binary.
@@ -880,7 +897,11 @@ impl Sniffer {
     pub fn start(netns: &str, iface: &str) -> Result<Self> {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (ns_path, iface, stop2) = (format!("/var/run/netns/{netns}"), iface.to_owned(), stop.clone());
+        let (ns_path, iface, stop2) = (
+            format!("/var/run/netns/{netns}"),
+            iface.to_owned(),
+            stop.clone(),
+        );
         let handle = std::thread::spawn(move || -> Result<Vec<u8>> {
             let ns = File::open(&ns_path)?;
             // This thread is the sniffer's own: switching its netns affects nothing else.
@@ -894,7 +915,11 @@ impl Sniffer {
                     bail!("no interface {iface}");
                 }
                 let proto = (libc::ETH_P_ALL as u16).to_be();
-                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto));
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    i32::from(proto),
+                );
                 if fd < 0 {
                     let e = std::io::Error::last_os_error();
                     let _ = ready_tx.send(Err(e.to_string()));
@@ -904,14 +929,28 @@ impl Sniffer {
                 sll.sll_family = libc::AF_PACKET as u16;
                 sll.sll_protocol = proto;
                 sll.sll_ifindex = ifindex as i32;
-                if libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) != 0 {
+                if libc::bind(
+                    fd,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                ) != 0
+                {
                     let e = std::io::Error::last_os_error();
                     libc::close(fd);
                     let _ = ready_tx.send(Err(e.to_string()));
                     return Err(e.into());
                 }
-                let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
                 let _ = ready_tx.send(Ok(()));
                 let mut all = Vec::new();
                 let mut buf = vec![0u8; 65536];
@@ -935,7 +974,9 @@ impl Sniffer {
     /// Stops and returns every byte of every frame seen.
     pub fn stop(self) -> Result<Vec<u8>> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.join().map_err(|_| anyhow::anyhow!("sniffer panicked"))?
+        self.handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("sniffer panicked"))?
     }
 }
 

@@ -7,7 +7,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use ferry_e2e::{Agent, Node, NodeOptions, Pod, Proc, Sniffer, World, contains, dial, run_with_timeout, testapp};
+use ferry_e2e::{
+    Agent, Node, NodeOptions, Pod, Proc, Sniffer, World, contains, dial, run_with_timeout, testapp,
+};
 
 const APP_PORT: u16 = 8080;
 
@@ -154,7 +156,13 @@ fn bytes_intact_both_ways_with_half_close() -> Result<()> {
 
 fn echo_server(t: &TwoNodes, pod: &Pod, port: u16, tag: &str) -> Result<Proc> {
     let mut srv = pod.command(testapp());
-    srv.args(["serve", "--listen", &format!("0.0.0.0:{port},[::]:{port}"), "--tag", tag]);
+    srv.args([
+        "serve",
+        "--listen",
+        &format!("0.0.0.0:{port},[::]:{port}"),
+        "--tag",
+        tag,
+    ]);
     let p = t.world.spawn(srv, tag)?;
     p.wait_for_output("listening", Duration::from_secs(5))?;
     Ok(p)
@@ -163,15 +171,28 @@ fn echo_server(t: &TwoNodes, pod: &Pod, port: u16, tag: &str) -> Result<Proc> {
 /// Strict inbound refuses plaintext from outside the mesh (and logs it); mesh traffic still flows.
 #[test]
 fn strict_inbound_refuses_plaintext_from_outside_the_mesh() -> Result<()> {
-    let strict = NodeOptions { inbound: Some("strict"), ..Default::default() };
+    let strict = NodeOptions {
+        inbound: Some("strict"),
+        ..Default::default()
+    };
     let t = two_nodes_with(&NodeOptions::default(), &strict)?;
     let app = echo_server(&t, &t.server, APP_PORT, "cart")?;
     let to = SocketAddr::new(IpAddr::V4(t.server.ip4), APP_PORT);
     let d = dial(t.n1.command(testapp()), to, "plain")?;
-    assert!(!d.ok, "plaintext from node1's host netns must be refused: {d:?}");
-    let line = t.a2.wait_for(|l| l.is_access() && l.field("route").as_deref() == Some("plaintext"), Duration::from_secs(5))?;
+    assert!(
+        !d.ok,
+        "plaintext from node1's host netns must be refused: {d:?}"
+    );
+    let line = t.a2.wait_for(
+        |l| l.is_access() && l.field("route").as_deref() == Some("plaintext"),
+        Duration::from_secs(5),
+    )?;
     assert_eq!(line.field("result").as_deref(), Some("refused"));
-    assert_eq!(app.output().matches("accepted").count(), 0, "the app saw nothing");
+    assert_eq!(
+        app.output().matches("accepted").count(),
+        0,
+        "the app saw nothing"
+    );
     let d = dial(t.client.command(testapp()), to, "mesh")?;
     assert!(d.ok && d.echo == "mesh", "{d:?}");
     assert_eq!(app.output().matches("accepted").count(), 1);
@@ -190,21 +211,41 @@ fn no_plaintext_on_the_node_link() -> Result<()> {
     let d = dial(t.client.command(testapp()), to, &marker)?;
     assert!(d.ok && d.echo == marker, "{d:?}");
     let frames = sniffer.stop()?;
-    assert!(frames.len() > 1000, "the capture saw the tunnel's frames ({} bytes)", frames.len());
-    assert!(!contains(&frames, marker.as_bytes()), "the marker crossed the node link in clear");
+    assert!(
+        frames.len() > 1000,
+        "the capture saw the tunnel's frames ({} bytes)",
+        frames.len()
+    );
+    assert!(
+        !contains(&frames, marker.as_bytes()),
+        "the marker crossed the node link in clear"
+    );
 
     // Control: node1's host netns (not captured) sends the same bytes as plain TCP across the link to
     // a listener on node2's host netns.
     let mut srv = t.n2.command(testapp());
     let n2_fab = t.n2.fabric_ip.context("n2 is routed")?;
-    srv.args(["serve", "--listen", &format!("{n2_fab}:9999"), "--tag", "plain"]);
+    srv.args([
+        "serve",
+        "--listen",
+        &format!("{n2_fab}:9999"),
+        "--tag",
+        "plain",
+    ]);
     let p = t.world.spawn(srv, "plain")?;
     p.wait_for_output("listening", Duration::from_secs(5))?;
     let sniffer = Sniffer::start(&t.n1.netns, "fab0")?;
-    let d = dial(t.n1.command(testapp()), SocketAddr::new(IpAddr::V4(n2_fab), 9999), &marker)?;
+    let d = dial(
+        t.n1.command(testapp()),
+        SocketAddr::new(IpAddr::V4(n2_fab), 9999),
+        &marker,
+    )?;
     assert!(d.ok, "{d:?}");
     let frames = sniffer.stop()?;
-    assert!(contains(&frames, marker.as_bytes()), "the capture must see plaintext TCP");
+    assert!(
+        contains(&frames, marker.as_bytes()),
+        "the capture must see plaintext TCP"
+    );
     Ok(())
 }
 
@@ -222,14 +263,27 @@ fn peer_agent_killed_mid_transfer_ends_the_connection_promptly() -> Result<()> {
     let t = two_nodes()?;
     let _app = echo_server(&t, &t.server, APP_PORT, "cart")?;
     let mut hold = t.client.command(testapp());
-    hold.args(["hold", "--to", &format!("{}:{APP_PORT}", t.server.ip4), "--seconds", "30"]);
+    hold.args([
+        "hold",
+        "--to",
+        &format!("{}:{APP_PORT}", t.server.ip4),
+        "--seconds",
+        "30",
+    ]);
     let h = t.world.spawn(hold, "hold")?;
     h.wait_for_output("connected", Duration::from_secs(5))?;
     std::thread::sleep(Duration::from_millis(300));
     let killed = std::time::Instant::now();
     t.a2.kill9();
-    let ended = ferry_e2e::eventually(Duration::from_secs(5), || h.output().contains("\"ok\":false"));
-    assert!(ended, "the client still hangs {:?} after the peer agent died: {}", killed.elapsed(), h.output());
+    let ended = ferry_e2e::eventually(Duration::from_secs(5), || {
+        h.output().contains("\"ok\":false")
+    });
+    assert!(
+        ended,
+        "the client still hangs {:?} after the peer agent died: {}",
+        killed.elapsed(),
+        h.output()
+    );
     Ok(())
 }
 
@@ -237,11 +291,20 @@ fn peer_agent_killed_mid_transfer_ends_the_connection_promptly() -> Result<()> {
 /// opened afterwards use the new certificates.
 #[test]
 fn certificate_renewal_during_a_long_transfer() -> Result<()> {
-    let short = NodeOptions { workload_ttl: Some("4s"), ..Default::default() };
+    let short = NodeOptions {
+        workload_ttl: Some("4s"),
+        ..Default::default()
+    };
     let t = two_nodes_with(&short, &short)?;
     let _app = echo_server(&t, &t.server, APP_PORT, "cart")?;
     let mut hold = t.client.command(testapp());
-    hold.args(["hold", "--to", &format!("{}:{APP_PORT}", t.server.ip4), "--seconds", "7"]);
+    hold.args([
+        "hold",
+        "--to",
+        &format!("{}:{APP_PORT}", t.server.ip4),
+        "--seconds",
+        "7",
+    ]);
     let h = t.world.spawn(hold, "hold")?;
     h.wait_for_output("connected", Duration::from_secs(5))?;
     std::thread::sleep(Duration::from_secs(3));
@@ -250,7 +313,11 @@ fn certificate_renewal_during_a_long_transfer() -> Result<()> {
     let d = dial(t.client.command(testapp()), to, "after-renewal")?;
     assert!(d.ok && d.echo == "after-renewal", "{d:?}");
     h.wait_for_output("\"ok\":", Duration::from_secs(15))?;
-    assert!(h.output().contains("\"ok\":true"), "the long transfer broke: {}", h.output());
+    assert!(
+        h.output().contains("\"ok\":true"),
+        "the long transfer broke: {}",
+        h.output()
+    );
     let d = dial(t.client.command(testapp()), to, "after-expiry")?;
     assert!(d.ok && d.echo == "after-expiry", "{d:?}");
     Ok(())
@@ -266,11 +333,26 @@ fn five_hundred_concurrent_connections() -> Result<()> {
     let mut c = t.client.command(testapp());
     c.args(["dial-many", "--to", &targets, "--timeout-ms", "20000"]);
     let out = run_with_timeout(c, Duration::from_secs(120))?;
-    let dials: Vec<ferry_e2e::Dial> = out.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let dials: Vec<ferry_e2e::Dial> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
     assert_eq!(dials.len(), 500);
-    let failed: Vec<_> = dials.iter().filter(|d| !(d.ok && d.echo == "x" && d.greeting.starts_with("cart "))).collect();
-    assert!(failed.is_empty(), "{} failed, e.g. {:?}", failed.len(), failed.first());
-    assert!(ferry_e2e::eventually(Duration::from_secs(5), || t.a1.access_lines().len() == 500));
+    let failed: Vec<_> = dials
+        .iter()
+        .filter(|d| !(d.ok && d.echo == "x" && d.greeting.starts_with("cart ")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(ferry_e2e::eventually(Duration::from_secs(5), || t
+        .a1
+        .access_lines()
+        .len()
+        == 500));
     Ok(())
 }
 
@@ -299,16 +381,33 @@ fn non_mesh_destinations_pass_through_or_are_refused() -> Result<()> {
     let to = SocketAddr::new(IpAddr::V4(legacy.ip4), 8080);
     let d = dial(client.command(testapp()), to, "old")?;
     assert!(d.ok && d.echo == "old", "{d:?}");
-    assert_eq!(d.greeting_field("peer").and_then(|p| p.parse::<SocketAddr>().ok()).map(|a| a.ip()), Some(IpAddr::V4(client.ip4)));
-    let line = a1.wait_for(|l| l.is_access() && l.field("dst") == Some(to.to_string()), Duration::from_secs(5))?;
+    assert_eq!(
+        d.greeting_field("peer")
+            .and_then(|p| p.parse::<SocketAddr>().ok())
+            .map(|a| a.ip()),
+        Some(IpAddr::V4(client.ip4))
+    );
+    let line = a1.wait_for(
+        |l| l.is_access() && l.field("dst") == Some(to.to_string()),
+        Duration::from_secs(5),
+    )?;
     assert_eq!(line.field("route").as_deref(), Some("passthrough"));
 
-    world.write_config(&n1, &NodeOptions { outbound_unknown: Some("refuse"), ..Default::default() })?;
+    world.write_config(
+        &n1,
+        &NodeOptions {
+            outbound_unknown: Some("refuse"),
+            ..Default::default()
+        },
+    )?;
     a1.kill9();
     let a1 = world.start_agent(&n1)?;
     let d = dial(client.command(testapp()), to, "old")?;
     assert!(!d.ok, "{d:?}");
-    let line = a1.wait_for(|l| l.is_access() && l.field("dst") == Some(to.to_string()), Duration::from_secs(5))?;
+    let line = a1.wait_for(
+        |l| l.is_access() && l.field("dst") == Some(to.to_string()),
+        Duration::from_secs(5),
+    )?;
     assert_eq!(line.field("route").as_deref(), Some("refused"));
     Ok(())
 }
@@ -323,7 +422,10 @@ fn same_node_destinations_are_delivered_directly() -> Result<()> {
     let server = world.add_pod_as(&n1, "server", 11, "shop", "cart")?;
     world.write_workloads(&n1, &[&client, &server])?;
     let a1 = world.start_agent(&n1)?;
-    a1.wait_for(|l| l.msg() == "pod enrolled" && l.field("pod").as_deref() == Some("shop/server"), Duration::from_secs(5))?;
+    a1.wait_for(
+        |l| l.msg() == "pod enrolled" && l.field("pod").as_deref() == Some("shop/server"),
+        Duration::from_secs(5),
+    )?;
     let mut srv = server.command(testapp());
     srv.args(["serve", "--listen", "0.0.0.0:8080", "--tag", "cart"]);
     let p = world.spawn(srv, "cart")?;
@@ -331,9 +433,20 @@ fn same_node_destinations_are_delivered_directly() -> Result<()> {
     let to = SocketAddr::new(IpAddr::V4(server.ip4), 8080);
     let d = dial(client.command(testapp()), to, "near")?;
     assert!(d.ok && d.echo == "near", "{d:?}");
-    assert_eq!(d.greeting_field("peer").and_then(|p| p.parse::<SocketAddr>().ok()).map(|a| a.ip()), Some(IpAddr::V4(client.ip4)));
-    let line = a1.wait_for(|l| l.is_access() && l.field("dst") == Some(to.to_string()), Duration::from_secs(5))?;
+    assert_eq!(
+        d.greeting_field("peer")
+            .and_then(|p| p.parse::<SocketAddr>().ok())
+            .map(|a| a.ip()),
+        Some(IpAddr::V4(client.ip4))
+    );
+    let line = a1.wait_for(
+        |l| l.is_access() && l.field("dst") == Some(to.to_string()),
+        Duration::from_secs(5),
+    )?;
     assert_eq!(line.field("route").as_deref(), Some("same-node"));
-    assert_eq!(line.field("peer_identity").as_deref(), Some("spiffe://cluster.local/ns/shop/sa/cart"));
+    assert_eq!(
+        line.field("peer_identity").as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/cart")
+    );
     Ok(())
 }

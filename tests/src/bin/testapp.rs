@@ -38,7 +38,9 @@ fn main() {
         }
         Some("hold") => {
             let to = parse_addr(&arg(&args, "--to").unwrap_or_default());
-            let secs: u64 = arg(&args, "--seconds").and_then(|v| v.parse().ok()).unwrap_or(10);
+            let secs: u64 = arg(&args, "--seconds")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10);
             println!("{}", hold(to, Duration::from_secs(secs)));
         }
         Some("dial-many") => {
@@ -397,7 +399,10 @@ fn hold(to: SocketAddr, len: Duration) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = conn.shutdown(Shutdown::Write);
-    format!("{{\"ok\":true,\"rounds\":{rounds},\"after_ms\":{}}}", start.elapsed().as_millis())
+    format!(
+        "{{\"ok\":true,\"rounds\":{rounds},\"after_ms\":{}}}",
+        start.elapsed().as_millis()
+    )
 }
 
 fn json_str(s: &str) -> String {

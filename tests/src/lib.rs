@@ -824,17 +824,26 @@ pub fn testapp() -> PathBuf {
 #[derive(Debug, serde::Deserialize)]
 pub struct Dial {
     pub ok: bool,
+    /// Whether connect() succeeded (a failure may come later, e.g. a reset).
+    #[serde(default)]
+    pub connected: bool,
     #[serde(default)]
     pub error: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "opt_addr")]
     pub peer: Option<SocketAddr>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "opt_addr")]
     pub local: Option<SocketAddr>,
     /// The server's greeting line: `<tag> peer=<addr> local=<addr>`.
     #[serde(default)]
     pub greeting: String,
     #[serde(default)]
     pub echo: String,
+}
+
+/// An address, or none when the app could not tell (an empty string).
+fn opt_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s: String = serde::Deserialize::deserialize(d)?;
+    Ok(s.parse().ok())
 }
 
 impl Dial {

@@ -61,12 +61,11 @@ fn outbound_connect_reaches_agent_with_original_destination() -> Result<()> {
     let t = one_node()?;
     let dst: SocketAddr = "203.0.113.7:8080".parse()?;
     let d = dial(t.a.command(testapp()), dst, "hi")?;
-    // Captured: connect() succeeded although nothing routes there; the agent then could not reach it.
-    assert_eq!(
-        d.peer,
-        Some(dst),
-        "getpeername must show the dialled address: {d:?}"
-    );
+    // Captured: the connect reached the agent although nothing routes there (uncaptured, it fails
+    // with "Network is unreachable"); the agent then could not reach the destination and reset the
+    // connection — so fast that connect() itself may report the reset. getpeername is checked below,
+    // on a connection that stays up.
+    assert!(!d.ok && !d.error.contains("unreachable"), "{d:?}");
     let line = t.agent.wait_for(
         |l| l.is_access() && l.field("dst").as_deref() == Some("203.0.113.7:8080"),
         Duration::from_secs(5),

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
-use ferry_e2e::{NodeOptions, World, dial};
+use ferry_e2e::{NodeOptions, Sniffer, World, contains, dial};
 
 use crate::Bins;
 
@@ -99,13 +99,17 @@ pub fn run(bins: &Bins) -> Result<()> {
         println!("\naccess log of the agent on {name}:");
         for l in a.access_lines() {
             println!(
-                "  {:<8} {:<12} {} -> {}  {:<11} {} {}",
+                "  {:<8} {:<12} {} -> {}  {:<10} {:<8} {} {}",
                 l.field("direction").unwrap_or_default(),
                 l.field("pod").unwrap_or_default(),
                 l.field("src").unwrap_or_default(),
                 l.field("dst").unwrap_or_default(),
                 l.field("route").unwrap_or_default(),
                 l.field("result").unwrap_or_default(),
+                l.field("peer_identity")
+                    .map(|p| format!("peer={p}"))
+                    .filter(|p| p != "peer=")
+                    .unwrap_or_default(),
                 l.field("reason").unwrap_or_default(),
             );
         }

@@ -15,7 +15,6 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
-
 /// An open handle on a network namespace.
 #[derive(Clone, Debug)]
 pub struct Netns {

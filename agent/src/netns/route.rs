@@ -31,6 +31,8 @@ pub const RULE_PRIORITY: u32 = 100;
 const MAIN_RULE_PRIORITY: u32 = 32766;
 
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+const FWMARK_REFLECT_V4: &str = "/proc/sys/net/ipv4/fwmark_reflect";
+const FWMARK_REFLECT_V6: &str = "/proc/sys/net/ipv6/fwmark_reflect";
 const LO_DISABLE_IPV6: &str = "/proc/sys/net/ipv6/conf/lo/disable_ipv6";
 /// A kernel that never answers would otherwise hang the calling thread forever.
 const NETLINK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -162,6 +164,11 @@ pub fn prepare_transparent(ns: &Netns, mark: u32, table: u32) -> Result<(), Rout
     run_in(ns, "enable net.ipv4.tcp_fwmark_accept", || {
         std::fs::write(FWMARK_ACCEPT, b"1")
     })?;
+    // Replies the kernel makes itself (a RST for a port nobody listens on, ICMP errors) must carry the
+    // mark too, or they leave the pod for the client's real address and the delivery hangs.
+    run_in(ns, "enable net.ipv4.fwmark_reflect", || {
+        std::fs::write(FWMARK_REFLECT_V4, b"1")
+    })?;
     let lo = run_in(ns, "look up the ifindex of lo", || {
         // SAFETY: the argument is a NUL-terminated string.
         match unsafe { libc::if_nametoindex(c"lo".as_ptr()) } {
@@ -178,6 +185,11 @@ pub fn prepare_transparent(ns: &Netns, mark: u32, table: u32) -> Result<(), Rout
         tracing::debug!(netns = %ns.path().display(), "IPv6 disabled: transparent delivery set up for IPv4 only");
         &[Family::V4]
     };
+    if v6 {
+        run_in(ns, "enable net.ipv6.fwmark_reflect", || {
+            std::fs::write(FWMARK_REFLECT_V6, b"1")
+        })?;
+    }
     for &family in families {
         ensure_rule(&mut rtnl, family, mark, table)?;
         ensure_local_route(&mut rtnl, family, table, lo)?;

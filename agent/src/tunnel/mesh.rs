@@ -8,7 +8,9 @@ use std::{
 
 use rustls::pki_types::ServerName;
 
-use super::{HboneClient, Pool, PoolConfig, PooledClient, TunnelError, connect_in};
+use super::{
+    CONNECT_TIMEOUT, HboneClient, Pool, PoolConfig, PooledClient, TunnelError, connect_in,
+};
 use crate::{
     capture::Capture,
     config::{InboundMode, NodeConfig, OutboundUnknown, Ports, Protocol, Workload, WorkloadSet},
@@ -17,7 +19,6 @@ use crate::{
     tls,
 };
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A pod of this node, as the connection handlers see it.

@@ -96,13 +96,25 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// How long a connect to an app or an upstream may take before the client is reset.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn connect_socket(sock: socket2::Socket, dst: SocketAddr) -> io::Result<TcpStream> {
+    let std_stream: std::net::TcpStream = sock.into();
+    let connect = tokio::net::TcpSocket::from_std_stream(std_stream).connect(dst);
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {dst} timed out"),
+            )
+        })?
+}
+
 /// Connects from inside a pod's netns, so the network sees the pod's address as the source.
 pub async fn connect_in(netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream> {
-    let sock = netns.tcp_socket(dst.is_ipv6())?;
-    let std_stream: std::net::TcpStream = sock.into();
-    tokio::net::TcpSocket::from_std_stream(std_stream)
-        .connect(dst)
-        .await
+    connect_socket(netns.tcp_socket(dst.is_ipv6())?, dst).await
 }
 
 /// Delivers to an app inside its pod's netns, from `src` (the original client's address, when the pod

@@ -428,9 +428,10 @@ fn dial(to: SocketAddr, send: &str, timeout: Duration) -> String {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    let _ = conn.set_read_timeout(Some(timeout));
+    // Right after connect: a reset that follows (the agent refusing) would hide the peer.
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = conn.set_read_timeout(Some(timeout));
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
         Err(e) => return fail(&e),
@@ -438,7 +439,7 @@ fn dial(to: SocketAddr, send: &str, timeout: Duration) -> String {
     let mut greeting = String::new();
     if let Err(e) = reader.read_line(&mut greeting) {
         return format!(
-            "{{\"ok\":false,\"error\":{},\"peer\":{},\"local\":{}}}",
+            "{{\"ok\":false,\"connected\":true,\"error\":{},\"peer\":{},\"local\":{}}}",
             json_str(&e.to_string()),
             json_str(&peer),
             json_str(&local)
@@ -456,7 +457,7 @@ fn dial(to: SocketAddr, send: &str, timeout: Duration) -> String {
         _ => String::new(),
     };
     format!(
-        "{{\"ok\":{ok},\"error\":{},\"peer\":{},\"local\":{},\"greeting\":{},\"echo\":{}}}",
+        "{{\"ok\":{ok},\"connected\":true,\"error\":{},\"peer\":{},\"local\":{},\"greeting\":{},\"echo\":{}}}",
         json_str(&error),
         json_str(&peer),
         json_str(&local),

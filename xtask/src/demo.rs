@@ -68,12 +68,24 @@ pub fn run(bins: &Bins) -> Result<()> {
         }
     };
     println!(
-        "1. shop/client (node1) -> shop/server:8080 (node2), the app dials the pod IP as usual"
+        "1. shop/client (node1) -> shop/server:8080 (node2), the app dials the pod IP as usual;"
+    );
+    println!(
+        "   the agents carry it over mutual TLS (HBONE); the server app sees the client pod's IP"
     );
     let to = SocketAddr::new(server.ip4.into(), 8080);
-    show(
-        "client -> server",
-        &dial(client.command(&bins.testapp), to, "GET /cart")?,
+    let sniffer = Sniffer::start(&n1.netns, "fab0")?;
+    let d = dial(client.command(&bins.testapp), to, "GET /cart secret=42")?;
+    let frames = sniffer.stop()?;
+    show("client -> server", &d);
+    let clear = if contains(&frames, b"secret=42") {
+        "SEEN (a bug!)"
+    } else {
+        "not seen"
+    };
+    println!(
+        "  node1's link to node2 carried {} bytes; the request text in clear: {clear}",
+        frames.len()
     );
     println!(
         "2. shop/client -> 203.0.113.7:443, outside the mesh (node1 refuses such destinations)"

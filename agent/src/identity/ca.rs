@@ -119,7 +119,17 @@ pub fn ca_init(
     let (not_before, not_after) = validity_window(SystemTime::now(), validity, None)?;
 
     let mut params = CertificateParams::default();
-    params.distinguished_name = ca_name(ROOT_COMMON_NAME, trust_domain);
+    // A name of its own: two roots of one trust domain (say, a test CA and the real one) must not
+    // look alike, or a chain from the other root is reported as a bad signature, not an unknown issuer.
+    let unique = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let common_name = format!(
+        "{ROOT_COMMON_NAME} {:x}",
+        unique ^ u128::from(std::process::id())
+    );
+    params.distinguished_name = ca_name(&common_name, trust_domain);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.not_before = not_before;

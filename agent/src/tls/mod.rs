@@ -26,7 +26,9 @@ use rustls::{
 };
 use x509_parser::extensions::GeneralName;
 
-pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier, verification_error};
+pub use verify::{
+    SpiffeClientVerifier, SpiffeServerVerifier, describe_handshake_error, verification_error,
+};
 
 use crate::identity::{CertStore, Identity, TrustBundle, TrustDomain, spiffe::SpiffeIdError};
 

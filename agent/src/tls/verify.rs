@@ -194,3 +194,18 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+/// A failed handshake as an operator should read it: Ferry's own verdict when one of its verifiers
+/// refused the peer ("presented spiffe://… but expected spiffe://…"), else rustls' or the I/O error.
+pub fn describe_handshake_error(error: &std::io::Error) -> String {
+    match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => match verification_error(tls) {
+            Some(ours) => format!("peer certificate refused: {ours}"),
+            None => format!("TLS: {tls}"),
+        },
+        None => error.to_string(),
+    }
+}

@@ -42,6 +42,9 @@ pub enum TunnelError {
     #[error("HBONE CONNECT failed with status {0}")]
     Status(u16),
     /// Reading from or writing to the local (TCP-like) side of a relay failed.
+    #[error("TLS handshake with the peer failed: {0}")]
+    Tls(String),
+
     #[error("local stream I/O error: {0}")]
     Io(#[from] io::Error),
 }

@@ -60,7 +60,7 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
     let accept = tokio_rustls::TlsAcceptor::from(server_tls).accept(tcp);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return fail(format!("TLS handshake: {e}")),
+        Ok(Err(e)) => return fail(tls::describe_handshake_error(&e)),
         Err(_) => return fail("TLS handshake timed out".into()),
     };
     let conn = tls.get_ref().1;

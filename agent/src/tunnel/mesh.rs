@@ -203,7 +203,8 @@ impl Mesh {
                         .connect(ServerName::IpAddress(dst_ip.into()), tcp),
                 )
                 .await
-                .map_err(|_| TunnelError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+                .map_err(|_| TunnelError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
+                .map_err(|e| TunnelError::Tls(tls::describe_handshake_error(&e)))?;
                 if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
                     return Err(TunnelError::Io(std::io::Error::other(
                         "peer did not negotiate ALPN h2",

@@ -26,7 +26,10 @@ pub async fn handle(
         rec.finish(Outcome::Refused("original destination not found".into()));
         return;
     };
-    let mut rec = ConnRecord::new(Direction::Outbound, pod.name.clone(), peer, dst);
+    // The app's socket talks to the agent over loopback; the log shows the pod's address as the
+    // network would see it, with the app's port.
+    let src = SocketAddr::new(pod.ip_like(dst.ip()).unwrap_or(peer.ip()), peer.port());
+    let mut rec = ConnRecord::new(Direction::Outbound, pod.name.clone(), src, dst);
     let set = mesh.workloads();
     match mesh.route(&set, dst) {
         Route::External => match mesh.outbound_unknown {

@@ -993,3 +993,65 @@ impl Sniffer {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Creates and pins a hash map with the given key and value sizes (raw `bpf(2)`), to stand for
+/// pinned state left by an agent with another map layout.
+pub fn pin_hash_map(path: &Path, key_size: u32, value_size: u32) -> Result<()> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        _rest: [u8; 108],
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        _rest: [u8; 112],
+    }
+    let create = MapCreate {
+        map_type: 1, // BPF_MAP_TYPE_HASH
+        key_size,
+        value_size,
+        max_entries: 1,
+        map_flags: 0,
+        _rest: [0; 108],
+    };
+    // SAFETY: attribute structs sized as the kernel's union (zero-padded); the fd is closed below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &create as *const MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    if fd < 0 {
+        bail!("BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    }
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let pin = ObjPin {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+        _rest: [0; 112],
+    };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6,
+            &pin as *const ObjPin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd as i32) };
+    if rc != 0 {
+        bail!("BPF_OBJ_PIN {}: {err}", path.display());
+    }
+    Ok(())
+}

@@ -468,3 +468,25 @@ fn loopback_and_configured_exclusions_are_not_captured() -> Result<()> {
     assert_eq!(carried, vec![format!("{gw}:9101")]);
     Ok(())
 }
+
+/// Pinned state of another map layout (an older agent's) is refused with a clear error naming the map,
+/// instead of being used with keys of the wrong size.
+#[test]
+fn pinned_maps_of_another_layout_are_refused() -> Result<()> {
+    let mut world = World::new()?;
+    let node = world.add_node("n1", 1, false)?;
+    std::fs::create_dir_all(node.bpffs_root.join("maps"))?;
+    let stale = node.bpffs_root.join("maps/FERRY_SOCKETS");
+    ferry_e2e::pin_hash_map(&stale, 16, 4)?;
+    let mut cmd = node.command(ferry_e2e::ferry_bin());
+    cmd.args(["run", "--config"]).arg(node.config_path());
+    let err = match run_with_timeout(cmd, Duration::from_secs(10)) {
+        Ok(out) => anyhow::bail!("the agent started on stale state: {out}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("FERRY_SOCKETS") && err.contains("ferry uninstall"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -550,7 +550,7 @@ fn foreign_workload(world: &World, identity: &str, label: &str) -> Result<PathBu
 
 // ------------------------------------------------------------------------------------------ tests
 
-/// 1. Ferry's outbound speaks HBONE as ztunnel does, to a server that is not Ferry: CONNECT with the
+/// (1) Ferry's outbound speaks HBONE as ztunnel does, to a server that is not Ferry: CONNECT with the
 /// authority and `forwarded` of the original connection and nothing else, TLS 1.3 with ALPN h2, no
 /// SNI, the client pod's SPIFFE certificate, ztunnel's HTTP/2 settings; the echo reaches the app; a
 /// second app connection is a second stream of the same TLS connection.
@@ -721,7 +721,7 @@ fn outbound_speaks_hbone_to_an_independent_server() -> Result<()> {
     Ok(())
 }
 
-/// 2. Ferry's inbound answers an independent client as ztunnel does: 200 and the app's bytes; 503 for
+/// (2) Ferry's inbound answers an independent client as ztunnel does: 200 and the app's bytes; 503 for
 /// a closed port and for the agent's own ports; 400 for an authority that is not the pod's address
 /// and for a non-CONNECT method; RST_STREAM(PROTOCOL_ERROR) for a CONNECT with :scheme/:path (h2
 /// refuses it as malformed, RFC 9113 §8.5). Over IPv6 too.
@@ -1109,7 +1109,7 @@ fn inbound_refuses_a_client_of_a_foreign_ca() -> Result<()> {
     Ok(())
 }
 
-/// 4. An independent server with a valid certificate of the world's CA but another identity than the
+/// (4) An independent server with a valid certificate of the world's CA but another identity than the
 /// workloads file gives its pod: Ferry's server-identity check refuses it, naming both identities.
 #[test]
 fn outbound_refuses_a_server_of_the_wrong_identity() -> Result<()> {
@@ -1157,7 +1157,7 @@ fn outbound_refuses_a_server_of_the_wrong_identity() -> Result<()> {
     Ok(())
 }
 
-/// 5. Garbage, plain HTTP/1.1, a TLS client without a certificate, an mTLS client that speaks HTTP/1.1
+/// (5) Garbage, plain HTTP/1.1, a TLS client without a certificate, an mTLS client that speaks HTTP/1.1
 /// instead of HTTP/2, and a client that sends nothing, all on an enrolled pod's :15008: the agent
 /// closes each (never answering HTTP), while a mesh connection through the same agent keeps
 /// exchanging bytes; afterwards new HBONE connections (Ferry's and an independent one) still work.

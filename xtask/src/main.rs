@@ -126,6 +126,37 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
         let mut clippy = cargo(root);
         clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
         status(clippy)?;
+        // The eBPF crate only builds for the BPF target, with nightly.
+        let mut ebpf = cargo(root);
+        // The rustup proxy, not the stable toolchain's cargo that runs xtask: it understands `+nightly`.
+        ebpf.env_remove("RUSTC").env_remove("RUSTUP_TOOLCHAIN");
+        let mut ebpf = {
+            let mut c = Command::new("cargo");
+            c.current_dir(root.join("ebpf"));
+            for (k, v) in ebpf.get_envs() {
+                if let Some(v) = v {
+                    c.env(k, v);
+                } else {
+                    c.env_remove(k);
+                }
+            }
+            c
+        };
+        ebpf.args([
+            "+nightly",
+            "clippy",
+            "--package",
+            "ferry-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        status(ebpf)?;
     }
     let bins = build(root, false)?;
     let mut t = cargo(root);

@@ -109,6 +109,7 @@ impl Capture {
             std::fs::create_dir_all(&dir)
                 .map_err(CaptureError::io(format!("creating {}", dir.display())))?;
         }
+        check_pinned_layouts(&maps_dir(&root))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(maps_dir(&root))
             .load(OBJECT)
@@ -393,6 +394,52 @@ where
     })?;
     prog.try_into()
         .map_err(CaptureError::bpf(format!("program {name}")))
+}
+
+/// Key and value sizes of every pinned map, as this agent's programs use them.
+fn expected_layouts() -> [(&'static str, usize, usize); 12] {
+    use std::mem::size_of;
+    [
+        (maps::META, 4, 4),
+        (maps::SETTINGS, 4, size_of::<Settings>()),
+        (maps::ENROLLED, 8, size_of::<PodEntry>()),
+        (maps::ORIG_BY_COOKIE, 8, size_of::<OrigDst>()),
+        (
+            maps::ORIG_BY_TUPLE,
+            size_of::<TupleKey>(),
+            size_of::<OrigDst>(),
+        ),
+        (maps::EXCLUDE_PORTS, 2, 1),
+        (maps::INBOUND_EXCLUDE_PORTS, 2, 1),
+        (maps::EXCLUDE_V4, 8, 1),
+        (maps::EXCLUDE_V6, 20, 1),
+        (maps::SOCKETS, size_of::<SocketKey>(), 4),
+        (maps::DELIVERIES, size_of::<DeliveryKey>(), 1),
+        (maps::COUNTERS, 4, 8),
+    ]
+}
+
+/// aya re-opens a pinned map by name whatever its layout, and a program would then read keys of the
+/// wrong size: refuse pinned state whose layout differs from ours, naming the map.
+fn check_pinned_layouts(dir: &Path) -> Result<(), CaptureError> {
+    for (name, key, value) in expected_layouts() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(CaptureError::bpf(format!(
+            "reading pinned map {}",
+            path.display()
+        )))?;
+        if (info.key_size() as usize, info.value_size() as usize) != (key, value) {
+            return Err(CaptureError::PinnedLayout {
+                path,
+                found: (info.key_size(), info.value_size()),
+                ours: (key as u32, value as u32),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Makes the exclusion maps equal the config (the maps outlive agents whose config differed).

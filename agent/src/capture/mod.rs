@@ -44,6 +44,14 @@ pub enum CaptureError {
         found: u32,
         ours: u32,
     },
+    #[error(
+        "pinned map {path} has key/value sizes {found:?}, this agent uses {ours:?}: run `ferry uninstall` first"
+    )]
+    PinnedLayout {
+        path: PathBuf,
+        found: (u32, u32),
+        ours: (u32, u32),
+    },
     #[error("this agent was built without eBPF (the `ebpf` cargo feature is off)")]
     NotBuilt,
     #[error(transparent)]

@@ -59,6 +59,24 @@ impl ConnRecord {
         }
     }
 
+    /// The live-table form of this connection.
+    pub fn live<'a>(
+        &'a self,
+        app_socket: Option<&'a tokio::net::TcpStream>,
+        policy: Option<super::conns::PolicyInput>,
+    ) -> super::conns::NewConn<'a> {
+        super::conns::NewConn {
+            direction: self.direction,
+            pod: &self.pod,
+            src: self.src,
+            dst: self.dst,
+            route: self.route,
+            peer: self.peer.clone(),
+            policy,
+            app_socket,
+        }
+    }
+
     pub fn finish(self, outcome: Outcome) {
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let (result, sent, received, reason) = match outcome {

@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 use super::{
     ConnectRequest, HboneServer, Reject, ServerConfig, Upstream,
     conn::{ConnRecord, Direction, Outcome},
+    conns::PolicyInput,
     deliver,
     mesh::{Mesh, PodCtx},
     outbound::splice,
@@ -33,7 +34,16 @@ pub async fn handle_plaintext(mesh: &Mesh, pod: &PodCtx, client: TcpStream, peer
             rec.finish(Outcome::Refused("plaintext inbound in strict mode".into()));
         }
         InboundMode::Permissive => match deliver(&mesh.capture, pod, Some(peer.ip()), dst).await {
-            Ok(app) => rec.finish(splice(client, app).await),
+            Ok(app) => {
+                let policy = PolicyInput {
+                    source: None,
+                    source_ip: peer.ip(),
+                    destination: pod.name.clone(),
+                    destination_addr: dst,
+                };
+                let reg = mesh.conns.register(rec.live(Some(&app), Some(policy)));
+                rec.finish(splice(client, app, &reg.entry.stats).await)
+            }
             Err(e) => {
                 reset(client);
                 rec.finish(Outcome::Unreachable(e.to_string()));
@@ -73,13 +83,8 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
     };
     let handler_pod = pod.clone();
     let handler_mesh = mesh.clone();
-    let peer_id_str = peer_id.to_string();
     let handler = Arc::new(move |req: ConnectRequest| {
-        let (pod, mesh, peer_id) = (
-            handler_pod.clone(),
-            handler_mesh.clone(),
-            peer_id_str.clone(),
-        );
+        let (pod, mesh, peer_id) = (handler_pod.clone(), handler_mesh.clone(), peer_id.clone());
         async move {
             let src = req
                 .forwarded_for
@@ -87,7 +92,7 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
                 .unwrap_or(peer);
             let mut rec = ConnRecord::new(Direction::Inbound, pod.name.clone(), src, req.target);
             rec.route = "hbone";
-            rec.peer = Some(peer_id);
+            rec.peer = Some(peer_id.to_string());
             let own = [mesh.ports.outbound, mesh.ports.inbound, mesh.ports.hbone];
             if own.contains(&req.target.port()) {
                 rec.finish(Outcome::Unreachable("targets the agent's own port".into()));
@@ -96,7 +101,16 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
             match deliver(&mesh.capture, &pod, Some(peer.ip()), req.target).await {
                 Ok(app) => {
                     let _ = app.set_nodelay(true);
-                    Ok(Upstream::new(app).on_complete(move |r| {
+                    let policy = PolicyInput {
+                        source: Some(peer_id),
+                        source_ip: src.ip(),
+                        destination: pod.name.clone(),
+                        destination_addr: req.target,
+                    };
+                    let reg = mesh.conns.register(rec.live(Some(&app), Some(policy)));
+                    let stats = reg.entry.stats.clone();
+                    Ok(Upstream::new(app).with_stats(stats).on_complete(move |r| {
+                        drop(reg);
                         rec.finish(match r {
                             Ok(o) => Outcome::Closed {
                                 sent: o.received,

@@ -10,6 +10,7 @@ use rustls::pki_types::ServerName;
 
 use super::{
     CONNECT_TIMEOUT, HboneClient, Pool, PoolConfig, PooledClient, TunnelError, connect_in,
+    conns::ConnTable,
 };
 use crate::{
     capture::Capture,
@@ -75,6 +76,7 @@ pub struct Mesh {
     pub trust_domain: Option<TrustDomain>,
     pub certs: Option<Arc<CertStore>>,
     pub pool: Pool<PoolKey>,
+    pub conns: Arc<ConnTable>,
     workloads: RwLock<Arc<WorkloadSet>>,
     local: RwLock<HashMap<IpAddr, Arc<PodCtx>>>,
 }
@@ -90,6 +92,7 @@ impl Mesh {
             trust_domain: cfg.trust_domain.clone(),
             certs,
             pool: Pool::new(PoolConfig::default()),
+            conns: Arc::new(ConnTable::default()),
             workloads: RwLock::new(Arc::new(WorkloadSet::default())),
             local: RwLock::new(HashMap::new()),
         }

@@ -52,6 +52,7 @@
 //! # }
 //! ```
 pub mod conn;
+pub mod conns;
 pub mod copy;
 mod error;
 pub mod hbone_client;

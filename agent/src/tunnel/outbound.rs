@@ -6,7 +6,9 @@ use tokio::net::TcpStream;
 use super::{
     CopyStats, PodCtx, TunnelError,
     conn::{ConnRecord, Direction, Outcome},
-    connect_in, deliver,
+    connect_in,
+    conns::PolicyInput,
+    deliver,
     mesh::{Mesh, Route},
     reset,
 };
@@ -41,7 +43,10 @@ pub async fn handle(
             OutboundUnknown::Passthrough => {
                 rec.route = "passthrough";
                 match connect_in(&pod.netns, dst).await {
-                    Ok(upstream) => rec.finish(splice(app, upstream).await),
+                    Ok(upstream) => {
+                        let reg = mesh.conns.register(rec.live(Some(&app), None));
+                        rec.finish(splice(app, upstream, &reg.entry.stats).await)
+                    }
                     Err(e) => {
                         reset(app);
                         rec.finish(Outcome::Unreachable(e.to_string()));
@@ -54,7 +59,16 @@ pub async fn handle(
             rec.peer = dst_pod.identity.as_ref().map(ToString::to_string);
             let src_ip = pod.ip_like(dst.ip());
             match deliver(&mesh.capture, &dst_pod, src_ip, dst).await {
-                Ok(upstream) => rec.finish(splice(app, upstream).await),
+                Ok(upstream) => {
+                    let policy = PolicyInput {
+                        source: pod.identity.clone(),
+                        source_ip: src.ip(),
+                        destination: dst_pod.name.clone(),
+                        destination_addr: dst,
+                    };
+                    let reg = mesh.conns.register(rec.live(Some(&upstream), Some(policy)));
+                    rec.finish(splice(app, upstream, &reg.entry.stats).await)
+                }
                 Err(e) => {
                     reset(app);
                     rec.finish(Outcome::Unreachable(e.to_string()));
@@ -90,8 +104,9 @@ pub async fn handle(
                 }
             };
             let _ = app.set_nodelay(true);
-            let stats = CopyStats::new();
-            let outcome = match stream.relay(app, &stats).await {
+            let reg = mesh.conns.register(rec.live(Some(&app), None));
+            let stats = &reg.entry.stats;
+            let outcome = match stream.relay(app, stats).await {
                 Ok(o) => Outcome::Closed {
                     sent: o.sent,
                     received: o.received,
@@ -107,16 +122,43 @@ pub async fn handle(
     }
 }
 
-/// Copies both ways with half-close carried through, and reports the byte counts.
-pub async fn splice(mut a: TcpStream, mut b: TcpStream) -> Outcome {
+/// Copies both ways between two TCP streams with half-close carried through (EOF on one side shuts
+/// down the other's write half), counting as bytes flow: `sent` is `a` → `b`.
+pub async fn splice(mut a: TcpStream, mut b: TcpStream, stats: &CopyStats) -> Outcome {
     let _ = a.set_nodelay(true);
     let _ = b.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        Ok((sent, received)) => Outcome::Closed { sent, received },
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let up = pump(&mut ar, &mut bw, |n| stats.add_sent(n));
+    let down = pump(&mut br, &mut aw, |n| stats.add_received(n));
+    // Either direction failing ends both: the sockets are dropped together when this returns.
+    let result = tokio::try_join!(up, down);
+    match result {
+        Ok(_) => Outcome::Closed {
+            sent: stats.sent(),
+            received: stats.received(),
+        },
         Err(e) => Outcome::Error {
-            sent: 0,
-            received: 0,
+            sent: stats.sent(),
+            received: stats.received(),
             error: e.to_string(),
         },
+    }
+}
+
+async fn pump<R, W>(r: &mut R, w: &mut W, count: impl Fn(usize)) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        count(n);
     }
 }

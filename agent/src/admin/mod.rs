@@ -1,0 +1,3 @@
+//! Operating the agent: the admin socket for the CLI.
+pub mod api;
+pub mod socket;

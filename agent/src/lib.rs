@@ -2,6 +2,7 @@
 //!
 //! Module layering (imports only flow downwards in this list):
 //! `config`, `netns` → `identity` → `tls` → `capture` → `tunnel` → `daemon` → `cli`.
+pub mod admin;
 pub mod capture;
 pub mod cli;
 pub mod config;

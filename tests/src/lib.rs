@@ -208,6 +208,53 @@ impl Node {
     pub fn workloads_path(&self) -> PathBuf {
         self.dir.join("workloads.yaml")
     }
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+    /// Runs a `ferry` CLI command against this node's agent and parses its `-o json` answer.
+    pub fn cli(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = Command::new(ferry_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.admin_socket())
+            .args(["-o", "json"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ferry {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+    /// `GET path` from the agent's admin HTTP server (127.0.0.1:15020 in the node's netns).
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        let ns = File::open(format!("/var/run/netns/{}", self.netns))?;
+        let path = path.to_owned();
+        std::thread::spawn(move || -> Result<(u16, String)> {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let mut s = std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:15020".parse()?,
+                Duration::from_secs(2),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            let status = resp
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Ok((status, body))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("http_get thread panicked"))?
+    }
     /// A command that runs in the node's netns (and the test's own cgroup, outside every pod).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         in_netns(Command::new(program), &self.netns, None)
@@ -289,6 +336,8 @@ fn in_netns(mut cmd: Command, netns: &str, cgroup: Option<&Path>) -> Command {
 /// Knobs of a node's config file.
 #[derive(Clone, Debug, Default)]
 pub struct NodeOptions {
+    /// How long in-flight connections may finish after SIGTERM (default 5s).
+    pub drain_deadline: Option<&'static str>,
     /// Lifetime of workload certificates (default 24h).
     pub workload_ttl: Option<&'static str>,
     pub inbound: Option<&'static str>,
@@ -534,8 +583,9 @@ impl World {
 
     pub fn write_config(&self, node: &Node, opts: &NodeOptions) -> Result<()> {
         let text = format!(
-            "node: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
+            "node: {}\nadmin: {{socket: admin.sock}}\ndrain_deadline: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
             node.name,
+            opts.drain_deadline.unwrap_or("5s"),
             opts.workload_ttl.unwrap_or("24h"),
             node.bpffs_root.display(),
             node.cgroup_root.display(),

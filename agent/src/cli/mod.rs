@@ -3,7 +3,10 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod table;
+
 use crate::{
+    admin::{self, api::Request},
     capture,
     config::NodeConfig,
     daemon,
@@ -42,11 +45,63 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The running agent: version, node, uptime, programs, pods, certificates, config generation.
+    Status(Target),
+    /// Workloads the agent knows, with identities and whether they are enrolled here.
+    Workloads(Target),
+    /// Live connections: workloads, identities, bytes each way, age.
+    Conns(Target),
+    /// Workload certificates this agent holds.
+    Certs(Target),
+    /// Authorization policies in force.
+    Policies(Target),
+    /// Why a connection would be allowed or denied.
+    Explain {
+        /// Source: a SPIFFE id or `namespace/pod`.
+        #[arg(long)]
+        from: String,
+        /// Destination: `namespace/pod:port`.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The node config the agent runs with.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Remove everything the agent attached on this node (links, pinned maps). Stop the agent first.
     Uninstall {
         #[arg(long, default_value_os_t = daemon::default_config())]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the parsed node config.
+    Dump(Target),
+}
+
+/// Which agent to ask, and how to print its answer.
+#[derive(clap::Args, Clone)]
+struct Target {
+    /// The agent's admin socket (default: from --config, else /run/ferry/admin.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// A node config to read the admin socket path from.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// `table` for people, `json` for scripts (stable schema).
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +200,15 @@ pub fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::Uninstall { config } => uninstall(config),
         Command::Ca { command } => ca(command),
+        Command::Status(t) => query(t, Request::Status),
+        Command::Workloads(t) => query(t, Request::Workloads),
+        Command::Conns(t) => query(t, Request::Conns),
+        Command::Certs(t) => query(t, Request::Certs),
+        Command::Policies(t) => query(t, Request::Policies),
+        Command::Explain { from, to, target } => query(target, Request::Explain { from, to }),
+        Command::Config {
+            command: ConfigCommand::Dump(t),
+        } => query(t, Request::ConfigDump),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,6 +236,30 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(daemon::run(&config))?;
+    Ok(())
+}
+
+fn socket_path(t: &Target) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &t.socket {
+        return Ok(s.clone());
+    }
+    match &t.config {
+        Some(c) => Ok(NodeConfig::load(c)?.admin.socket),
+        None => Ok(crate::config::AdminConfig::default().socket),
+    }
+}
+
+fn query(t: Target, request: Request) -> anyhow::Result<()> {
+    let path = socket_path(&t)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let data = rt.block_on(admin::socket::request(&path, &request))?;
+    if t.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    print!("{}", table::render(&request, &data));
     Ok(())
 }
 

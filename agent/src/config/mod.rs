@@ -6,7 +6,7 @@ mod workloads;
 
 pub(crate) use node::parse_duration;
 pub use node::{
-    CaptureConfig, CertificatesConfig, InboundMode, NodeConfig, OutboundUnknown, Ports,
+    AdminConfig, CaptureConfig, CertificatesConfig, InboundMode, NodeConfig, OutboundUnknown, Ports,
 };
 pub use workloads::{LocalPod, Protocol, Workload, WorkloadSet};
 

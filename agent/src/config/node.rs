@@ -70,6 +70,14 @@ pub struct CertificatesConfig {
     pub workload_ttl: std::time::Duration,
 }
 
+fn default_drain() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+
+fn default_root_namespace() -> String {
+    "istio-system".into()
+}
+
 fn default_ttl() -> std::time::Duration {
     crate::identity::DEFAULT_TTL
 }
@@ -98,9 +106,37 @@ pub(crate) fn parse_duration(text: &str) -> Option<std::time::Duration> {
     (secs > 0).then(|| std::time::Duration::from_secs(secs))
 }
 
+/// Where operators reach the agent.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The CLI's Unix socket (mode 0600).
+    pub socket: PathBuf,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub http: std::net::SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/ferry/admin.sock"),
+            http: std::net::SocketAddr::from(([127, 0, 0, 1], 15020)),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNodeConfig {
+    #[serde(default)]
+    admin: AdminConfig,
+    /// How long in-flight connections may finish after SIGTERM.
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    drain_deadline: std::time::Duration,
+    /// Directory of Istio AuthorizationPolicy files.
+    policies: Option<PathBuf>,
+    #[serde(default = "default_root_namespace")]
+    root_namespace: String,
     node: String,
     trust_domain: Option<TrustDomain>,
     certificates: Option<CertificatesConfig>,
@@ -132,6 +168,10 @@ fn default_cgroup_root() -> PathBuf {
 pub struct NodeConfig {
     pub path: PathBuf,
     pub node: String,
+    pub admin: AdminConfig,
+    pub drain_deadline: std::time::Duration,
+    pub policies: Option<PathBuf>,
+    pub root_namespace: String,
     /// Required for mesh traffic (HBONE); without it the agent only captures.
     pub trust_domain: Option<TrustDomain>,
     pub certificates: Option<CertificatesConfig>,
@@ -207,6 +247,13 @@ impl NodeConfig {
         Ok(Self {
             path: path.to_owned(),
             node: raw.node,
+            admin: AdminConfig {
+                socket: abs(raw.admin.socket),
+                ..raw.admin
+            },
+            drain_deadline: raw.drain_deadline,
+            policies: raw.policies.map(&abs),
+            root_namespace: raw.root_namespace,
             trust_domain: raw.trust_domain,
             certificates,
             bpffs_root: raw.bpffs_root,

@@ -13,7 +13,12 @@ use tokio::{
     task::JoinHandle,
 };
 
+mod view;
+
+use view::AgentView;
+
 use crate::{
+    admin::{self, Metrics, metrics::ConfigKind},
     capture::{Capture, EnrolledPod, PodAddrs, PodListeners},
     config::{LocalPod, NodeConfig, WorkloadSet},
     identity::{CertStore, Identity, Minter},
@@ -25,8 +30,6 @@ use crate::{
 /// How often the workloads file is checked for changes. Polling the content (not inotify) also follows
 /// the kubelet's symlink swap of a mounted ConfigMap.
 const RELOAD_INTERVAL: Duration = Duration::from_millis(300);
-/// How long in-flight connections may take to finish after SIGTERM.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -36,6 +39,11 @@ pub enum DaemonError {
     Capture(#[from] crate::capture::CaptureError),
     #[error("installing a signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("{what}: {source}")]
+    Admin {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("certificates: {0}")]
     Mint(#[from] crate::identity::MintError),
     #[error("workload {workload}: {source}")]
@@ -97,8 +105,43 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     };
     let mut workloads_text = crate::config::read_file(&cfg.workloads)?;
     let workloads = WorkloadSet::parse(&cfg.workloads, &workloads_text, &cfg.node)?;
-    let mesh = Arc::new(Mesh::new(&cfg, capture.clone(), certs));
+    let metrics = Arc::new(Metrics::new());
+    {
+        let capture = capture.clone();
+        metrics.set_capture_source(Box::new(move || {
+            capture
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect()
+        }));
+    }
+    let mesh = Arc::new(Mesh::new(&cfg, capture.clone(), certs, metrics));
     mesh.set_workloads(Arc::new(workloads.clone()));
+    let view = Arc::new(AgentView {
+        cfg: cfg.clone(),
+        mesh: mesh.clone(),
+        capture: capture.clone(),
+        started: std::time::Instant::now(),
+        ready: std::sync::atomic::AtomicBool::new(false),
+        generation: std::sync::atomic::AtomicU64::new(1),
+        last_reload: std::sync::Mutex::new(None),
+    });
+    let socket = admin::socket::bind(&cfg.admin.socket).map_err(|e| DaemonError::Admin {
+        what: format!("binding the admin socket {}", cfg.admin.socket.display()),
+        source: e,
+    })?;
+    tokio::spawn(admin::socket::serve(socket, view.clone()));
+    let http = tokio::net::TcpListener::bind(cfg.admin.http)
+        .await
+        .map_err(|e| DaemonError::Admin {
+            what: format!("binding the admin HTTP address {}", cfg.admin.http),
+            source: e,
+        })?;
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(admin::serve(http, view.clone(), async move {
+        let _ = http_stopped.await;
+    }));
     let mut daemon = Daemon {
         cfg: cfg.clone(),
         capture,
@@ -109,7 +152,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         inflight: Arc::new(()),
     };
     daemon.reconcile();
-    tracing::info!(pods = daemon.pods.len(), "ready");
+    view.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(pods = daemon.pods.len(), admin = %cfg.admin.socket.display(), http = %cfg.admin.http, "ready");
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
@@ -123,9 +167,15 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                             Ok(set) => {
                                 daemon.workloads = Arc::new(set);
                                 daemon.mesh.set_workloads(daemon.workloads.clone());
+                                daemon.mesh.metrics.config_reload(ConfigKind::Workloads, true);
+                                view.record_reload("workloads", Ok(()));
                                 tracing::info!(workloads = daemon.workloads.len(), "workloads reloaded");
                             }
-                            Err(e) => tracing::error!(error = %e, "workloads file rejected; keeping the last good one"),
+                            Err(e) => {
+                                daemon.mesh.metrics.config_reload(ConfigKind::Workloads, false);
+                                view.record_reload("workloads", Err(e.to_string()));
+                                tracing::error!(error = %e, "workloads file rejected; keeping the last good one");
+                            }
                         }
                         workloads_text = text;
                     }
@@ -138,7 +188,11 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             _ = int.recv() => break,
         }
     }
+    view.ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     daemon.shutdown().await;
+    let _ = http_stop.send(());
+    let _ = std::fs::remove_file(&cfg.admin.socket);
     Ok(())
 }
 
@@ -322,7 +376,7 @@ impl Daemon {
                 t.abort();
             }
         }
-        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        let deadline = tokio::time::Instant::now() + self.cfg.drain_deadline;
         while Arc::strong_count(&self.inflight) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

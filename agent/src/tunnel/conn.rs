@@ -1,6 +1,8 @@
 //! One proxied connection's record: written to the access log when it closes.
 use std::{net::SocketAddr, time::Instant};
 
+use crate::admin::metrics::{ConnLabels, ConnTracker, Metrics, Reporter, SecurityPolicy};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
@@ -34,6 +36,24 @@ pub enum Outcome {
     },
 }
 
+/// Who is at each end, as Istio's metrics label it.
+#[derive(Clone, Debug, Default)]
+pub struct Ends {
+    pub src: Option<(String, String)>,
+    pub src_principal: Option<String>,
+    pub dst: Option<(String, String)>,
+    pub dst_principal: Option<String>,
+    pub mutual_tls: bool,
+}
+
+impl Ends {
+    /// `namespace/name` split in two.
+    pub fn workload(key: &str) -> Option<(String, String)> {
+        key.split_once('/')
+            .map(|(ns, n)| (ns.to_owned(), n.to_owned()))
+    }
+}
+
 pub struct ConnRecord {
     pub direction: Direction,
     /// `namespace/name` of the pod on this node.
@@ -44,6 +64,7 @@ pub struct ConnRecord {
     /// The identity at the other end, when the tunnel verified one.
     pub peer: Option<String>,
     started: Instant,
+    tracker: Option<ConnTracker>,
 }
 
 impl ConnRecord {
@@ -55,8 +76,31 @@ impl ConnRecord {
             dst,
             route: "",
             peer: None,
+            tracker: None,
             started: Instant::now(),
         }
+    }
+
+    /// Counts the connection in Istio's TCP metrics from now until it finishes.
+    pub fn track(&mut self, metrics: &Metrics, ends: &Ends) {
+        let labels = ConnLabels {
+            reporter: match self.direction {
+                Direction::Outbound => Reporter::Source,
+                Direction::Inbound => Reporter::Destination,
+            },
+            source_workload: ends.src.as_ref().map(|w| w.1.as_str()),
+            source_workload_namespace: ends.src.as_ref().map(|w| w.0.as_str()),
+            source_principal: ends.src_principal.as_deref(),
+            destination_workload: ends.dst.as_ref().map(|w| w.1.as_str()),
+            destination_workload_namespace: ends.dst.as_ref().map(|w| w.0.as_str()),
+            destination_principal: ends.dst_principal.as_deref(),
+            connection_security_policy: if ends.mutual_tls {
+                SecurityPolicy::MutualTls
+            } else {
+                SecurityPolicy::None
+            },
+        };
+        self.tracker = Some(metrics.track_conn(&labels));
     }
 
     /// The live-table form of this connection.
@@ -79,6 +123,14 @@ impl ConnRecord {
 
     pub fn finish(self, outcome: Outcome) {
         let duration_ms = self.started.elapsed().as_millis() as u64;
+        if let (
+            Some(t),
+            Outcome::Closed { sent, received } | Outcome::Error { sent, received, .. },
+        ) = (&self.tracker, &outcome)
+        {
+            // Istio's "sent" is the response direction (destination to source) for both reporters.
+            t.add_bytes(*received, *sent);
+        }
         let (result, sent, received, reason) = match outcome {
             Outcome::Closed { sent, received } => ("closed", sent, received, String::new()),
             Outcome::Refused(r) => ("refused", 0, 0, r),

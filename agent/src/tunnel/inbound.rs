@@ -7,14 +7,18 @@ use tokio::net::TcpStream;
 
 use super::{
     ConnectRequest, HboneServer, Reject, ServerConfig, Upstream,
-    conn::{ConnRecord, Direction, Outcome},
+    conn::{ConnRecord, Direction, Ends, Outcome},
     conns::PolicyInput,
     deliver,
     mesh::{Mesh, PodCtx},
     outbound::splice,
     reset,
 };
-use crate::{config::InboundMode, tls};
+use crate::{
+    admin::metrics::{Direction as HandshakeDirection, RefusedReason},
+    config::InboundMode,
+    tls,
+};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -30,6 +34,7 @@ pub async fn handle_plaintext(mesh: &Mesh, pod: &PodCtx, client: TcpStream, peer
     rec.route = "plaintext";
     match mesh.inbound {
         InboundMode::Strict => {
+            mesh.metrics.inbound_plaintext_refused();
             reset(client);
             rec.finish(Outcome::Refused("plaintext inbound in strict mode".into()));
         }
@@ -41,6 +46,13 @@ pub async fn handle_plaintext(mesh: &Mesh, pod: &PodCtx, client: TcpStream, peer
                     destination: pod.name.clone(),
                     destination_addr: dst,
                 };
+                let ends = Ends {
+                    src: mesh.workload_at(peer.ip()),
+                    dst: Ends::workload(&pod.name),
+                    dst_principal: pod.identity.as_ref().map(|i| i.principal()),
+                    ..Ends::default()
+                };
+                rec.track(&mesh.metrics, &ends);
                 let reg = mesh.conns.register(rec.live(Some(&app), Some(policy)));
                 rec.finish(splice(client, app, &reg.entry.stats).await)
             }
@@ -68,18 +80,36 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
     };
     let _ = tcp.set_nodelay(true);
     let accept = tokio_rustls::TlsAcceptor::from(server_tls).accept(tcp);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+    let started = std::time::Instant::now();
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await;
+    let metrics = &mesh.metrics;
+    metrics.tls_handshake(
+        HandshakeDirection::Inbound,
+        matches!(handshake, Ok(Ok(_))),
+        started.elapsed(),
+    );
+    let tls = match handshake {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return fail(tls::describe_handshake_error(&e)),
-        Err(_) => return fail("TLS handshake timed out".into()),
+        Ok(Err(e)) => {
+            metrics.hbone_refused(RefusedReason::Tls);
+            return fail(tls::describe_handshake_error(&e));
+        }
+        Err(_) => {
+            metrics.hbone_refused(RefusedReason::Timeout);
+            return fail("TLS handshake timed out".into());
+        }
     };
     let conn = tls.get_ref().1;
     if conn.alpn_protocol() != Some(tls::ALPN_H2) {
+        metrics.hbone_refused(RefusedReason::Alpn);
         return fail("peer did not negotiate ALPN h2".into());
     }
     let peer_id = match tls::peer_identity(conn.peer_certificates().unwrap_or_default()) {
         Ok(id) => id,
-        Err(e) => return fail(format!("peer identity: {e}")),
+        Err(e) => {
+            metrics.hbone_refused(RefusedReason::Identity);
+            return fail(format!("peer identity: {e}"));
+        }
     };
     let handler_pod = pod.clone();
     let handler_mesh = mesh.clone();
@@ -107,6 +137,14 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
                         destination: pod.name.clone(),
                         destination_addr: req.target,
                     };
+                    let ends = Ends {
+                        src: mesh.workload_at(src.ip()),
+                        src_principal: policy.source.as_ref().map(|i| i.principal()),
+                        dst: Ends::workload(&pod.name),
+                        dst_principal: pod.identity.as_ref().map(|i| i.principal()),
+                        mutual_tls: true,
+                    };
+                    rec.track(&mesh.metrics, &ends);
                     let reg = mesh.conns.register(rec.live(Some(&app), Some(policy)));
                     let stats = reg.entry.stats.clone();
                     Ok(Upstream::new(app).with_stats(stats).on_complete(move |r| {

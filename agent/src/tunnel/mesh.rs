@@ -13,6 +13,7 @@ use super::{
     conns::ConnTable,
 };
 use crate::{
+    admin::{Metrics, metrics::Direction as HandshakeDirection},
     capture::Capture,
     config::{InboundMode, NodeConfig, OutboundUnknown, Ports, Protocol, Workload, WorkloadSet},
     identity::{CertStore, Identity, TrustDomain},
@@ -77,12 +78,18 @@ pub struct Mesh {
     pub certs: Option<Arc<CertStore>>,
     pub pool: Pool<PoolKey>,
     pub conns: Arc<ConnTable>,
+    pub metrics: Arc<Metrics>,
     workloads: RwLock<Arc<WorkloadSet>>,
     local: RwLock<HashMap<IpAddr, Arc<PodCtx>>>,
 }
 
 impl Mesh {
-    pub fn new(cfg: &NodeConfig, capture: Arc<Capture>, certs: Option<Arc<CertStore>>) -> Self {
+    pub fn new(
+        cfg: &NodeConfig,
+        capture: Arc<Capture>,
+        certs: Option<Arc<CertStore>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             node: cfg.node.clone(),
             ports: cfg.ports,
@@ -93,6 +100,7 @@ impl Mesh {
             certs,
             pool: Pool::new(PoolConfig::default()),
             conns: Arc::new(ConnTable::default()),
+            metrics,
             workloads: RwLock::new(Arc::new(WorkloadSet::default())),
             local: RwLock::new(HashMap::new()),
         }
@@ -122,12 +130,47 @@ impl Mesh {
         }
     }
 
+    pub fn local_count(&self) -> usize {
+        self.local
+            .read()
+            .map(|m| {
+                let mut names: Vec<&str> = m.values().map(|p| p.name.as_str()).collect();
+                names.sort_unstable();
+                names.dedup();
+                names.len()
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn is_local(&self, name: &str) -> bool {
+        self.local
+            .read()
+            .map(|m| m.values().any(|p| p.name == name))
+            .unwrap_or(false)
+    }
+
+    pub fn local_identity(&self, name: &str) -> Option<Identity> {
+        self.local
+            .read()
+            .ok()?
+            .values()
+            .find(|p| p.name == name)
+            .and_then(|p| p.identity.clone())
+    }
+
     fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodCtx>> {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
         self.local.read().ok()?.get(&ip).cloned()
+    }
+
+    /// The `namespace/name` of the workload at `ip`, if known.
+    pub fn workload_at(&self, ip: IpAddr) -> Option<(String, String)> {
+        self.workloads()
+            .by_ip(ip)
+            .map(|w| (w.namespace.clone(), w.name.clone()))
     }
 
     /// Decides where a connection to `dst` goes. `set` must outlive the route (it borrows from it).
@@ -188,6 +231,7 @@ impl Mesh {
             .map_err(|e| TunnelError::Io(std::io::Error::other(e.to_string())))?;
         let hbone_port = self.ports.hbone;
         let netns = src.netns.clone();
+        let metrics = self.metrics.clone();
         self.pool
             .get_or_connect(key, cert.generation(), move || async move {
                 let addr = SocketAddr::new(dst_ip, hbone_port);
@@ -200,14 +244,17 @@ impl Mesh {
                         ))
                     })??;
                 let _ = tcp.set_nodelay(true);
+                let started = std::time::Instant::now();
                 let tls = tokio::time::timeout(
                     HANDSHAKE_TIMEOUT,
                     tokio_rustls::TlsConnector::from(config)
                         .connect(ServerName::IpAddress(dst_ip.into()), tcp),
                 )
                 .await
-                .map_err(|_| TunnelError::HandshakeTimeout(HANDSHAKE_TIMEOUT))?
-                .map_err(|e| TunnelError::Tls(tls::describe_handshake_error(&e)))?;
+                .map_err(|_| TunnelError::HandshakeTimeout(HANDSHAKE_TIMEOUT))
+                .and_then(|r| r.map_err(|e| TunnelError::Tls(tls::describe_handshake_error(&e))));
+                metrics.tls_handshake(HandshakeDirection::Outbound, tls.is_ok(), started.elapsed());
+                let tls = tls?;
                 if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
                     return Err(TunnelError::Io(std::io::Error::other(
                         "peer did not negotiate ALPN h2",

@@ -5,7 +5,7 @@ use tokio::net::TcpStream;
 
 use super::{
     CopyStats, PodCtx, TunnelError,
-    conn::{ConnRecord, Direction, Outcome},
+    conn::{ConnRecord, Direction, Ends, Outcome},
     connect_in,
     conns::PolicyInput,
     deliver,
@@ -44,6 +44,13 @@ pub async fn handle(
                 rec.route = "passthrough";
                 match connect_in(&pod.netns, dst).await {
                     Ok(upstream) => {
+                        let ends = Ends {
+                            src: Ends::workload(&pod.name),
+                            src_principal: pod.identity.as_ref().map(|i| i.principal()),
+                            dst: mesh.workload_at(dst.ip()),
+                            ..Ends::default()
+                        };
+                        rec.track(&mesh.metrics, &ends);
                         let reg = mesh.conns.register(rec.live(Some(&app), None));
                         rec.finish(splice(app, upstream, &reg.entry.stats).await)
                     }
@@ -66,6 +73,14 @@ pub async fn handle(
                         destination: dst_pod.name.clone(),
                         destination_addr: dst,
                     };
+                    let ends = Ends {
+                        src: Ends::workload(&pod.name),
+                        src_principal: pod.identity.as_ref().map(|i| i.principal()),
+                        dst: Ends::workload(&dst_pod.name),
+                        dst_principal: dst_pod.identity.as_ref().map(|i| i.principal()),
+                        mutual_tls: false,
+                    };
+                    rec.track(&mesh.metrics, &ends);
                     let reg = mesh.conns.register(rec.live(Some(&upstream), Some(policy)));
                     rec.finish(splice(app, upstream, &reg.entry.stats).await)
                 }
@@ -75,12 +90,16 @@ pub async fn handle(
                 }
             }
         }
-        Route::Hbone {
-            workload: _,
-            identity,
-        } => {
+        Route::Hbone { workload, identity } => {
             rec.route = "hbone";
             rec.peer = Some(identity.to_string());
+            let ends = Ends {
+                src: Ends::workload(&pod.name),
+                src_principal: pod.identity.as_ref().map(|i| i.principal()),
+                dst: Some((workload.namespace.clone(), workload.name.clone())),
+                dst_principal: Some(identity.principal()),
+                mutual_tls: true,
+            };
             let client = match mesh.hbone_client(pod, dst.ip(), identity).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -104,6 +123,7 @@ pub async fn handle(
                 }
             };
             let _ = app.set_nodelay(true);
+            rec.track(&mesh.metrics, &ends);
             let reg = mesh.conns.register(rec.live(Some(&app), None));
             let stats = &reg.entry.stats;
             let outcome = match stream.relay(app, stats).await {

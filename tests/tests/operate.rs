@@ -1,0 +1,232 @@
+//! Operating the agent: the CLI over the admin socket, /metrics, readiness, graceful shutdown.
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::Result;
+use ferry_e2e::{NodeOptions, World, dial, testapp};
+
+/// Sum of a metric's samples whose labels contain every `want` pair.
+fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+#[test]
+fn cli_metrics_and_readiness_against_a_running_agent() -> Result<()> {
+    let mut world = World::new()?;
+    let n1 = world.add_node("n1", 1, true)?;
+    let n2 = world.add_node("n2", 2, true)?;
+    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
+    let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
+    for n in [&n1, &n2] {
+        world.write_workloads(n, &[&client, &server])?;
+    }
+    // Not running yet: one clear line naming the socket.
+    let err = n1.cli(&["status"]).unwrap_err().to_string();
+    assert!(
+        err.contains(&n1.admin_socket().display().to_string()) && err.contains("ferry run"),
+        "{err}"
+    );
+
+    let a1 = world.start_agent(&n1)?;
+    let _a2 = world.start_agent(&n2)?;
+    assert_eq!(n1.http_get("/readyz")?.0, 200);
+    assert_eq!(n1.http_get("/healthz")?.0, 200);
+
+    let mut srv = server.command(testapp());
+    srv.args(["serve", "--listen", "0.0.0.0:8080", "--tag", "cart"]);
+    let app = world.spawn(srv, "cart")?;
+    app.wait_for_output("listening", Duration::from_secs(5))?;
+    let mut hold = client.command(testapp());
+    hold.args([
+        "hold",
+        "--to",
+        &format!("{}:8080", server.ip4),
+        "--seconds",
+        "4",
+    ]);
+    let h = world.spawn(hold, "hold")?;
+    h.wait_for_output("connected", Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let status = n1.cli(&["status"])?;
+    assert_eq!(status["node"], "n1");
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["enrolled_pods"], 1);
+    assert_eq!(status["programs"].as_array().map(|a| a.len()), Some(6));
+    assert!(
+        status["soonest_cert_expiry"].as_u64().unwrap_or(0) > 0,
+        "{status}"
+    );
+    assert!(
+        status["capture_counters"]["outbound_captured"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{status}"
+    );
+
+    let workloads = n1.cli(&["workloads"])?;
+    let rows = workloads.as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 2);
+    let c = rows
+        .iter()
+        .find(|r| r["name"] == "client")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(c["identity"], "spiffe://cluster.local/ns/shop/sa/frontend");
+    assert_eq!(c["enrolled"], true);
+
+    let conns = n1.cli(&["conns"])?;
+    let live = conns.as_array().cloned().unwrap_or_default();
+    assert_eq!(live.len(), 1, "{conns}");
+    let conn = &live[0];
+    assert_eq!(conn["direction"], "outbound");
+    assert_eq!(conn["route"], "hbone");
+    assert_eq!(conn["src_workload"], "shop/client");
+    assert_eq!(conn["dst_workload"], "shop/server");
+    assert_eq!(
+        conn["src_identity"],
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+    );
+    assert_eq!(
+        conn["dst_identity"],
+        "spiffe://cluster.local/ns/shop/sa/cart"
+    );
+    assert!(
+        conn["bytes_sent"].as_u64().unwrap_or(0) >= 1,
+        "bytes counted while the connection lives: {conn}"
+    );
+
+    let certs = n1.cli(&["certs"])?;
+    assert!(
+        certs.as_array().is_some_and(|a| a
+            .iter()
+            .any(|c| c["identity"] == "spiffe://cluster.local/ns/shop/sa/frontend")),
+        "{certs}"
+    );
+    let dump = n1.cli(&["config", "dump"])?;
+    assert_eq!(dump["node"], "n1");
+
+    h.wait_for_output("\"ok\":true", Duration::from_secs(10))?;
+    let to = SocketAddr::new(IpAddr::V4(server.ip4), 8080);
+    let d = dial(client.command(testapp()), to, "metrics")?;
+    assert!(d.ok, "{d:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, text) = n1.http_get("/metrics")?;
+    assert_eq!(code, 200);
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        metric(&text, "istio_tcp_connections_opened_total", &labels),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "istio_tcp_connections_closed_total", &labels),
+        2.0
+    );
+    // "received" is the request direction: "metrics" (7 bytes) plus the hold's one-byte rounds.
+    assert!(
+        metric(&text, "istio_tcp_received_bytes_total", &labels) >= 7.0 + 40.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "ferry_tls_handshake_seconds_count",
+            &[("direction", "outbound"), ("result", "ok")]
+        ) >= 1.0
+    );
+    let (_, text2) = n2.http_get("/metrics")?;
+    assert_eq!(
+        metric(
+            &text2,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", "cluster.local/ns/shop/sa/frontend")
+            ]
+        ),
+        2.0,
+        "{text2}"
+    );
+    drop(a1);
+    Ok(())
+}
+
+/// SIGTERM with a live transfer: the transfer finishes within the drain deadline, new connections are
+/// refused meanwhile (capture stays fail-closed), and the agent exits.
+#[test]
+fn sigterm_lets_a_live_transfer_finish() -> Result<()> {
+    let mut world = World::new()?;
+    let n1 = world.add_node("n1", 1, true)?;
+    let n2 = world.add_node("n2", 2, true)?;
+    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
+    let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
+    world.write_config(
+        &n1,
+        &NodeOptions {
+            drain_deadline: Some("10s"),
+            ..Default::default()
+        },
+    )?;
+    for n in [&n1, &n2] {
+        world.write_workloads(n, &[&client, &server])?;
+    }
+    let a1 = world.start_agent(&n1)?;
+    let _a2 = world.start_agent(&n2)?;
+    let mut srv = server.command(testapp());
+    srv.args(["serve", "--listen", "0.0.0.0:8080", "--tag", "cart"]);
+    let app = world.spawn(srv, "cart")?;
+    app.wait_for_output("listening", Duration::from_secs(5))?;
+    let mut hold = client.command(testapp());
+    hold.args([
+        "hold",
+        "--to",
+        &format!("{}:8080", server.ip4),
+        "--seconds",
+        "3",
+    ]);
+    let h = world.spawn(hold, "hold")?;
+    h.wait_for_output("connected", Duration::from_secs(5))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a1.pid as i32),
+        nix::sys::signal::SIGTERM,
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let to = SocketAddr::new(IpAddr::V4(server.ip4), 8080);
+    let d = dial(client.command(testapp()), to, "new")?;
+    assert!(!d.ok, "new connections are refused while draining: {d:?}");
+    h.wait_for_output("\"ok\":", Duration::from_secs(10))?;
+    assert!(
+        h.output().contains("\"ok\":true"),
+        "the live transfer finished: {}",
+        h.output()
+    );
+    a1.wait_for(|l| l.msg() == "agent stopped", Duration::from_secs(10))?;
+    let stopped = a1
+        .lines()
+        .into_iter()
+        .find(|l| l.msg() == "agent stopped")
+        .and_then(|l| l.field("unfinished"));
+    assert_eq!(stopped.as_deref(), Some("0"));
+    Ok(())
+}

@@ -1,12 +1,13 @@
 //! Ferry node agent: eBPF capture, SPIFFE identities, mutual TLS, HBONE tunnel, L4 policy.
 //!
 //! Module layering (imports only flow downwards in this list):
-//! `config`, `netns` → `identity` → `tls` → `capture` → `tunnel` → `daemon` → `cli`.
+//! `config`, `netns` → `identity` → `policy`, `tls` → `capture` → `tunnel` → `daemon` → `cli`.
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod netns;
+pub mod policy;
 pub mod tls;
 pub mod tunnel;

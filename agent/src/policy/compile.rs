@@ -175,9 +175,14 @@ fn compile_rule(
         let source = entry
             .source
             .ok_or_else(|| invalid(path.clone(), "is required"))?;
-        from.push(compile_source(source, namespace, &path, &mut http).ok_or_else(|| {
-            invalid(path.clone(), "must set at least one field (Istio rejects it too)")
-        })?);
+        from.push(
+            compile_source(source, namespace, &path, &mut http).ok_or_else(|| {
+                invalid(
+                    path.clone(),
+                    "must set at least one field (Istio rejects it too)",
+                )
+            })?,
+        );
     }
 
     let mut to = Vec::new();
@@ -186,9 +191,14 @@ fn compile_rule(
         let operation = entry
             .operation
             .ok_or_else(|| invalid(path.clone(), "is required"))?;
-        to.push(compile_operation(operation, &path, &mut http).ok_or_else(|| {
-            invalid(path.clone(), "must set at least one field (Istio rejects it too)")
-        })?);
+        to.push(
+            compile_operation(operation, &path, &mut http).ok_or_else(|| {
+                invalid(
+                    path.clone(),
+                    "must set at least one field (Istio rejects it too)",
+                )
+            })?,
+        );
     }
 
     let mut when = Vec::new();
@@ -288,7 +298,10 @@ fn compile_source(
     ] {
         if let Some(m) = matcher {
             any_field = true;
-            checks.push(Check { negated, matcher: m });
+            checks.push(Check {
+                negated,
+                matcher: m,
+            });
         }
     }
 
@@ -316,7 +329,10 @@ fn compile_operation(o: model::Operation, path: &str, http: &mut Vec<String>) ->
     for (matcher, negated) in [(ports(o.ports), false), (ports(o.not_ports), true)] {
         if let Some(m) = matcher {
             any_field = true;
-            checks.push(Check { negated, matcher: m });
+            checks.push(Check {
+                negated,
+                matcher: m,
+            });
         }
     }
     for (name, list) in [

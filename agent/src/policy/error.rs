@@ -98,9 +98,9 @@ impl fmt::Display for Warning {
 /// document at a time here, so both its `location()` and the "line N column M" it prints inside
 /// the message (libyaml adds a second one for the context) count from the document's start.
 pub(super) fn from_yaml(origin: &str, line_offset: usize, err: &serde_yaml::Error) -> PolicyError {
-    let (line, column) = err
-        .location()
-        .map_or((line_offset + 1, 0), |l| (l.line() + line_offset, l.column()));
+    let (line, column) = err.location().map_or((line_offset + 1, 0), |l| {
+        (l.line() + line_offset, l.column())
+    });
     let at = Location {
         origin: origin.to_owned(),
         line,
@@ -181,7 +181,10 @@ mod tests {
     #[test]
     fn shift_lines_moves_every_line_number() {
         assert_eq!(
-            shift_lines("bad at line 3 column 4, while parsing at line 1 column 1", 10),
+            shift_lines(
+                "bad at line 3 column 4, while parsing at line 1 column 1",
+                10
+            ),
             "bad at line 13 column 4, while parsing at line 11 column 1"
         );
         assert_eq!(shift_lines("no numbers, line x", 5), "no numbers, line x");

@@ -287,8 +287,14 @@ pub struct Request<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
     /// Rule `rule` (0-based) of a DENY (or CUSTOM) policy matched.
-    DeniedBy { policy: PolicyId, rule: usize },
-    AllowedBy { policy: PolicyId, rule: usize },
+    DeniedBy {
+        policy: PolicyId,
+        rule: usize,
+    },
+    AllowedBy {
+        policy: PolicyId,
+        rule: usize,
+    },
     /// No enforced ALLOW policy applies to the destination: open by default.
     NoAllowPolicy,
     /// ALLOW policies apply to the destination but none matched.
@@ -404,7 +410,11 @@ impl PolicySet {
     }
 
     /// Parses YAML text (one or more documents). `origin` names it in errors and warnings.
-    pub fn parse_str(origin: &str, text: &str, root_namespace: &str) -> Result<Loaded, PolicyError> {
+    pub fn parse_str(
+        origin: &str,
+        text: &str,
+        root_namespace: &str,
+    ) -> Result<Loaded, PolicyError> {
         let mut builder = load::Builder::default();
         builder.read_str(origin, text, root_namespace);
         finish(builder)

@@ -179,9 +179,9 @@ impl TryFrom<RawCondition> for Condition {
                 "destination.ip" => ConditionValues::DestinationIp(map(&list, parse_ip_block)?),
                 "source.namespace" => ConditionValues::SourceNamespace(map(&list, parse_pattern)?),
                 "source.principal" => ConditionValues::SourcePrincipal(map(&list, parse_pattern)?),
-                "destination.port" => ConditionValues::DestinationPort(map(&list, |s| {
-                    parse_port(s.trim())
-                })?),
+                "destination.port" => {
+                    ConditionValues::DestinationPort(map(&list, |s| parse_port(s.trim()))?)
+                }
                 _ => unreachable_key(&raw.key)?,
             };
             Ok(Some(converted))

@@ -94,15 +94,11 @@ impl Matcher {
                 let (ns, sa) = (a.namespace?, a.service_account?);
                 accounts.iter().any(|(n, s)| n == ns && s == sa)
             }
-            Matcher::SourceIp(nets) => nets.iter().any(|n| net_contains(n, a.source_ip)),
-            Matcher::DestinationIp(nets) => nets.iter().any(|n| net_contains(n, a.destination_ip)),
+            Matcher::SourceIp(nets) => nets.iter().any(|n| n.contains(&a.source_ip)),
+            Matcher::DestinationIp(nets) => nets.iter().any(|n| n.contains(&a.destination_ip)),
             Matcher::DestinationPort(ports) => ports.contains(&a.destination_port),
         })
     }
-}
-
-fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
-    net.contains(&ip)
 }
 
 /// One field of a source/operation, or one half (`values`/`notValues`) of a `when` condition.

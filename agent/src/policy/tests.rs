@@ -1352,3 +1352,11 @@ fn example_policies_lint_clean() {
     assert!(set.iter().any(|p| p.dry_run()));
     assert!(set.iter().any(|p| matches!(p.scope(), Scope::Mesh { .. })));
 }
+
+#[test]
+fn fuzz_seeds_load() {
+    // The seeds are only useful to the fuzzer if they get past the parser into compilation.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let loaded = PolicySet::load_dir(&dir, ROOT).unwrap();
+    assert!(loaded.set.len() >= 5, "{}", loaded.set.len());
+}

@@ -1,7 +1,8 @@
 //! Ferry node agent: eBPF capture, SPIFFE identities, mutual TLS, HBONE tunnel, L4 policy.
 //!
 //! Module layering (imports only flow downwards in this list):
-//! `config`, `netns` → `identity` → `tls` → `capture` → `tunnel` → `daemon` → `cli`.
+//! `identity`, `netns`, `admin` (metrics and admin protocol, no other Ferry imports) → `config` →
+//! `policy`, `tls` → `capture` → `tunnel` → `daemon` → `cli`.
 pub mod admin;
 pub mod capture;
 pub mod cli;
@@ -9,5 +10,6 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod netns;
+pub mod policy;
 pub mod tls;
 pub mod tunnel;

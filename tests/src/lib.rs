@@ -208,6 +208,18 @@ impl Node {
     pub fn workloads_path(&self) -> PathBuf {
         self.dir.join("workloads.yaml")
     }
+    pub fn policies_dir(&self) -> PathBuf {
+        self.dir.join("policies")
+    }
+    /// Writes (or replaces) one policy file, atomically.
+    pub fn write_policy(&self, file: &str, yaml: &str) -> Result<()> {
+        let dir = self.policies_dir();
+        fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml)?;
+        fs::rename(tmp, dir.join(file))?;
+        Ok(())
+    }
     pub fn admin_socket(&self) -> PathBuf {
         self.dir.join("admin.sock")
     }
@@ -499,7 +511,7 @@ impl World {
         let cgroup_root = self.cgroup_base.join(name);
         fs::create_dir_all(&cgroup_root)?;
         let dir = self.dir.join(name);
-        fs::create_dir_all(&dir)?;
+        fs::create_dir_all(dir.join("policies"))?;
         self.ferry(
             &[
                 "ca",
@@ -583,7 +595,7 @@ impl World {
 
     pub fn write_config(&self, node: &Node, opts: &NodeOptions) -> Result<()> {
         let text = format!(
-            "node: {}\nadmin: {{socket: admin.sock}}\ndrain_deadline: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
+            "node: {}\npolicies: policies\nadmin: {{socket: admin.sock}}\ndrain_deadline: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
             node.name,
             opts.drain_deadline.unwrap_or("5s"),
             opts.workload_ttl.unwrap_or("24h"),

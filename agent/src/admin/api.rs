@@ -94,3 +94,16 @@ pub struct CertRow {
     pub not_after: u64,
     pub renew_at: u64,
 }
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyRow {
+    /// `namespace/name`.
+    pub id: String,
+    pub action: String,
+    pub dry_run: bool,
+    pub scope: String,
+    pub rules: usize,
+    /// File and line.
+    pub location: String,
+    pub warnings: Vec<String>,
+}

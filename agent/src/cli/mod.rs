@@ -66,6 +66,11 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Offline checks of policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The node config the agent runs with.
     Config {
         #[command(subcommand)]
@@ -75,6 +80,16 @@ enum Command {
     Uninstall {
         #[arg(long, default_value_os_t = daemon::default_config())]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check AuthorizationPolicy files (a file or a directory): errors exit 1, warnings are listed.
+    Lint {
+        path: PathBuf,
+        #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
     },
 }
 
@@ -209,6 +224,13 @@ pub fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Dump(t),
         } => query(t, Request::ConfigDump),
+        Command::Policy {
+            command:
+                PolicyCommand::Lint {
+                    path,
+                    root_namespace,
+                },
+        } => lint(&path, &root_namespace),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -237,6 +259,29 @@ fn run(config: PathBuf) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(daemon::run(&config))?;
     Ok(())
+}
+
+/// Prints every warning and error; errors make the command fail (exit 1).
+fn lint(path: &std::path::Path, root_namespace: &str) -> anyhow::Result<()> {
+    let report = crate::policy::lint(path, root_namespace);
+    for w in &report.warnings {
+        println!("warning: {w}");
+    }
+    for e in &report.errors {
+        println!("error: {e}");
+    }
+    println!(
+        "{}: {} policies, {} errors, {} warnings",
+        path.display(),
+        report.policies,
+        report.errors.len(),
+        report.warnings.len()
+    );
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{} has errors", path.display())
+    }
 }
 
 fn socket_path(t: &Target) -> anyhow::Result<PathBuf> {

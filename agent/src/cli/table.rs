@@ -193,9 +193,29 @@ pub fn render(request: &Request, data: &Value) -> String {
                 })
                 .unwrap_or_default(),
         ),
-        Request::Policies | Request::Explain { .. } | Request::ConfigDump => {
-            serde_json::to_string_pretty(data).unwrap_or_default() + "\n"
+        Request::Policies => grid(
+            &["POLICY", "ACTION", "DRY-RUN", "RULES", "SCOPE", "FILE"],
+            rows(
+                data,
+                &["id", "action", "dry_run", "rules", "scope", "location"],
+            ),
+        ),
+        Request::Explain { .. } => {
+            let mut out = format!(
+                "{}\n",
+                if data["allowed"].as_bool() == Some(true) {
+                    "ALLOWED"
+                } else {
+                    "DENIED"
+                }
+            );
+            out += &format!("  {}\n", s(&data["decision"]));
+            if let Some(id) = data["source_identity"].as_str() {
+                out += &format!("  source identity: {id}\n");
+            }
+            out
         }
+        Request::ConfigDump => serde_json::to_string_pretty(data).unwrap_or_default() + "\n",
     }
 }
 

@@ -23,6 +23,7 @@ use crate::{
     config::{LocalPod, NodeConfig, WorkloadSet},
     identity::{CertStore, Identity, Minter},
     netns::route,
+    policy::{self, PolicySet},
     tls,
     tunnel::{Mesh, PodCtx, inbound, outbound},
 };
@@ -44,6 +45,8 @@ pub enum DaemonError {
         what: String,
         source: std::io::Error,
     },
+    #[error("policies: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("certificates: {0}")]
     Mint(#[from] crate::identity::MintError),
     #[error("workload {workload}: {source}")]
@@ -118,6 +121,14 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     }
     let mesh = Arc::new(Mesh::new(&cfg, capture.clone(), certs, metrics));
     mesh.set_workloads(Arc::new(workloads.clone()));
+    let mut policy_watch = PolicyWatch::default();
+    if let Some(dir) = &cfg.policies {
+        let loaded = PolicySet::load_dir(dir, &cfg.root_namespace)?;
+        log_policy_warnings(&loaded.warnings);
+        tracing::info!(dir = %dir.display(), policies = loaded.set.len(), "policies loaded");
+        mesh.set_policies(loaded.set);
+        policy_watch.applied = policy::fingerprint(dir);
+    }
     let view = Arc::new(AgentView {
         cfg: cfg.clone(),
         mesh: mesh.clone(),
@@ -183,6 +194,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                     Err(e) => tracing::error!(error = %e, "workloads file unreadable; keeping the last good one"),
                 }
                 daemon.reconcile();
+                if let Some(dir) = &cfg.policies {
+                    policy_watch.tick(dir, &cfg.root_namespace, &daemon.mesh, &view);
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -413,6 +427,72 @@ where
             }
         }
     })
+}
+
+/// Follows the policy directory: a change is applied once it has stayed the same for one tick
+/// (debounce, e.g. a ConfigMap update writing several files), swapped atomically, and live connections
+/// the new set denies are closed. A bad set is reported and the last good one stays.
+#[derive(Default)]
+struct PolicyWatch {
+    applied: Option<u64>,
+    pending: Option<u64>,
+}
+
+impl PolicyWatch {
+    fn tick(&mut self, dir: &Path, root_ns: &str, mesh: &Mesh, view: &AgentView) {
+        let now = policy::fingerprint(dir);
+        if now == self.applied {
+            self.pending = None;
+            return;
+        }
+        if now != self.pending {
+            self.pending = now;
+            return;
+        }
+        self.applied = now;
+        self.pending = None;
+        match PolicySet::load_dir(dir, root_ns) {
+            Ok(loaded) => {
+                log_policy_warnings(&loaded.warnings);
+                mesh.set_policies(loaded.set);
+                mesh.metrics.config_reload(ConfigKind::Policies, true);
+                view.record_reload("policies", Ok(()));
+                tracing::info!(policies = mesh.policies().len(), "policies reloaded");
+                for c in mesh.conns.snapshot() {
+                    let Some(p) = &c.policy else { continue };
+                    let d = mesh.decide(
+                        p.source.as_ref(),
+                        p.source_ip,
+                        &p.destination,
+                        p.destination_addr,
+                    );
+                    if !d.allowed() {
+                        tracing::info!(
+                            target: "ferry::policy",
+                            id = c.id,
+                            pod = %c.pod,
+                            src = %c.src,
+                            dst = %c.dst,
+                            decision = %d,
+                            "live connection closed: the new policies deny it"
+                        );
+                        c.close();
+                    }
+                }
+            }
+            Err(e) => {
+                mesh.metrics.config_reload(ConfigKind::Policies, false);
+                view.record_reload("policies", Err(e.to_string()));
+                tracing::error!(error = %e, "policies rejected; keeping the last good set");
+            }
+        }
+    }
+}
+
+fn log_policy_warnings(warnings: &[policy::Warning]) {
+    for w in warnings {
+        tracing::warn!(target: "ferry::policy", at = %w.at, message = %w.message, "policy warning");
+    }
 }
 
 /// Default location of the node config.

@@ -10,11 +10,12 @@ use std::{
 use crate::{
     admin::{
         AdminState,
-        api::{CertRow, ConnRow, ReloadStatus, Request, Status, WorkloadRow},
+        api::{CertRow, ConnRow, PolicyRow, ReloadStatus, Request, Status, WorkloadRow},
         socket::AdminApi,
     },
     capture::Capture,
     config::{NodeConfig, Protocol},
+    identity::Identity,
     tunnel::Mesh,
 };
 
@@ -159,6 +160,96 @@ impl AgentView {
             .collect()
     }
 
+    fn policies(&self) -> Vec<PolicyRow> {
+        self.mesh
+            .policies()
+            .iter()
+            .map(|p| PolicyRow {
+                id: p.id().to_string(),
+                action: format!("{:?}", p.action()).to_uppercase(),
+                dry_run: p.dry_run(),
+                scope: p.scope().to_string(),
+                rules: p.rule_count(),
+                location: p.location().to_string(),
+                warnings: p.warnings().to_vec(),
+            })
+            .collect()
+    }
+
+    /// `from`: a SPIFFE id or `namespace/pod`; `to`: `namespace/pod:port`.
+    fn explain(&self, from: &str, to: &str) -> Result<serde_json::Value, String> {
+        let set = self.mesh.workloads();
+        let td = self.cfg.trust_domain.clone();
+        let (to_workload, port) = to
+            .rsplit_once(':')
+            .and_then(|(w, p)| p.parse::<u16>().ok().map(|p| (w, p)))
+            .ok_or_else(|| format!("--to {to:?}: expected namespace/pod:port"))?;
+        let dst = set
+            .iter()
+            .find(|w| w.key() == to_workload)
+            .ok_or_else(|| format!("--to: no workload {to_workload} is known to this agent"))?;
+        if dst.node != self.cfg.node {
+            return Err(format!(
+                "{to_workload} runs on node {}: policy is enforced there, ask that node's agent",
+                dst.node
+            ));
+        }
+        let dst_ip = dst
+            .ips
+            .first()
+            .copied()
+            .ok_or_else(|| format!("{to_workload} has no IP"))?;
+        let (source, source_ip) = if from.starts_with("spiffe://") {
+            let id: Identity = from.parse().map_err(|e| format!("--from: {e}"))?;
+            let ip = set
+                .iter()
+                .find(|w| td.as_ref().and_then(|td| w.identity(td).ok()).as_ref() == Some(&id))
+                .and_then(|w| w.ips.first().copied())
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            (Some(id), ip)
+        } else {
+            let w = set.iter().find(|w| w.key() == from).ok_or_else(|| {
+                format!("--from: no workload {from} is known (give a SPIFFE id instead)")
+            })?;
+            let id = td.as_ref().and_then(|td| w.identity(td).ok());
+            let ip = w
+                .ips
+                .first()
+                .copied()
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            (id, ip)
+        };
+        let d = self.mesh.decide(
+            source.as_ref(),
+            source_ip,
+            to_workload,
+            std::net::SocketAddr::new(dst_ip, port),
+        );
+        let (policy, rule) = match &d.reason {
+            crate::policy::Reason::AllowedBy { policy, rule }
+            | crate::policy::Reason::DeniedBy { policy, rule } => {
+                (Some(policy.to_string()), Some(*rule))
+            }
+            _ => (None, None),
+        };
+        let matches = |list: &[crate::policy::Match]| -> Vec<serde_json::Value> {
+            list.iter()
+                .map(|m| serde_json::json!({"policy": m.policy.to_string(), "action": format!("{:?}", m.action).to_uppercase(), "rule": m.rule, "matched": m.matched()}))
+                .collect()
+        };
+        Ok(serde_json::json!({
+            "from": from,
+            "source_identity": source.map(|s| s.to_string()),
+            "to": to,
+            "allowed": d.allowed(),
+            "decision": d.to_string(),
+            "policy": policy,
+            "rule": rule,
+            "dry_run": matches(&d.dry_run),
+            "audit": matches(&d.audit),
+        }))
+    }
+
     /// Refreshes the gauges that are read rather than counted.
     pub fn refresh_gauges(&self) {
         let m = &self.mesh.metrics;
@@ -182,8 +273,8 @@ impl AdminApi for AgentView {
             Request::Conns => json(self.conns()),
             Request::Certs => json(self.certs()),
             Request::ConfigDump => json(&*self.cfg),
-            Request::Policies => Err("no policy engine in this agent yet".into()),
-            Request::Explain { .. } => Err("no policy engine in this agent yet".into()),
+            Request::Policies => json(self.policies()),
+            Request::Explain { from, to } => self.explain(&from, &to),
         }
     }
 }

@@ -533,3 +533,27 @@ pub fn lint(path: &Path, root_namespace: &str) -> LintReport {
         policies: builder.policies.len(),
     }
 }
+
+/// A digest of the policy files in `dir` (names and contents, through symlinks), to notice changes
+/// cheaply — including the kubelet's atomic `..data` symlink swap of a mounted ConfigMap. `None` when
+/// the directory cannot be read.
+pub fn fingerprint(dir: &std::path::Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| {
+            let n = n.to_string_lossy();
+            !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml"))
+        })
+        .collect();
+    names.sort();
+    let mut h = std::hash::DefaultHasher::new();
+    for n in names {
+        n.hash(&mut h);
+        // An unreadable file (a dangling link mid-swap) still changes the digest.
+        std::fs::read(dir.join(&n)).ok().hash(&mut h);
+    }
+    Some(h.finish())
+}

@@ -63,6 +63,8 @@ pub struct ConnRecord {
     pub route: &'static str,
     /// The identity at the other end, when the tunnel verified one.
     pub peer: Option<String>,
+    /// The authorization decision, on the side that enforces it.
+    pub decision: Option<String>,
     started: Instant,
     tracker: Option<ConnTracker>,
 }
@@ -76,6 +78,7 @@ impl ConnRecord {
             dst,
             route: "",
             peer: None,
+            decision: None,
             tracker: None,
             started: Instant::now(),
         }
@@ -149,6 +152,7 @@ impl ConnRecord {
             dst = %self.dst,
             route = self.route,
             peer_identity = self.peer.as_deref().unwrap_or(""),
+            decision = self.decision.as_deref().unwrap_or(""),
             result,
             reason = %reason,
             bytes_sent = sent,

@@ -38,29 +38,49 @@ pub async fn handle_plaintext(mesh: &Mesh, pod: &PodCtx, client: TcpStream, peer
             reset(client);
             rec.finish(Outcome::Refused("plaintext inbound in strict mode".into()));
         }
-        InboundMode::Permissive => match deliver(&mesh.capture, pod, Some(peer.ip()), dst).await {
-            Ok(app) => {
-                let policy = PolicyInput {
-                    source: None,
-                    source_ip: peer.ip(),
-                    destination: pod.name.clone(),
-                    destination_addr: dst,
-                };
-                let ends = Ends {
-                    src: mesh.workload_at(peer.ip()),
-                    dst: Ends::workload(&pod.name),
-                    dst_principal: pod.identity.as_ref().map(|i| i.principal()),
-                    ..Ends::default()
-                };
-                rec.track(&mesh.metrics, &ends);
-                let reg = mesh.conns.register(rec.live(Some(&app), Some(policy)));
-                rec.finish(splice(client, app, &reg.entry.stats).await)
-            }
-            Err(e) => {
+        InboundMode::Permissive => {
+            let decision = mesh.authorize(None, peer.ip(), &pod.name, dst);
+            rec.decision = Some(decision.to_string());
+            if !decision.allowed() {
                 reset(client);
-                rec.finish(Outcome::Unreachable(e.to_string()));
+                return rec.finish(Outcome::Refused(decision.to_string()));
             }
-        },
+            permissive(mesh, pod, client, peer, dst, rec).await
+        }
+    }
+}
+
+/// Permissive mode: plaintext from outside the mesh, authorized, delivered as it came.
+async fn permissive(
+    mesh: &Mesh,
+    pod: &PodCtx,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    mut rec: ConnRecord,
+) {
+    match deliver(&mesh.capture, pod, Some(peer.ip()), dst).await {
+        Ok(app) => {
+            let policy = PolicyInput {
+                source: None,
+                source_ip: peer.ip(),
+                destination: pod.name.clone(),
+                destination_addr: dst,
+            };
+            let ends = Ends {
+                src: mesh.workload_at(peer.ip()),
+                dst: Ends::workload(&pod.name),
+                dst_principal: pod.identity.as_ref().map(|i| i.principal()),
+                ..Ends::default()
+            };
+            rec.track(&mesh.metrics, &ends);
+            let reg = mesh.conns.register(rec.live(Some(&app), Some(policy)));
+            rec.finish(splice(client, app, &reg.entry.stats).await)
+        }
+        Err(e) => {
+            reset(client);
+            rec.finish(Outcome::Unreachable(e.to_string()));
+        }
     }
 }
 
@@ -127,6 +147,12 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
             if own.contains(&req.target.port()) {
                 rec.finish(Outcome::Unreachable("targets the agent's own port".into()));
                 return Err(Reject::Unreachable);
+            }
+            let decision = mesh.authorize(Some(&peer_id), src.ip(), &pod.name, req.target);
+            rec.decision = Some(decision.to_string());
+            if !decision.allowed() {
+                rec.finish(Outcome::Refused(decision.to_string()));
+                return Err(Reject::Denied);
             }
             match deliver(&mesh.capture, &pod, Some(peer.ip()), req.target).await {
                 Ok(app) => {

@@ -13,11 +13,15 @@ use super::{
     conns::ConnTable,
 };
 use crate::{
-    admin::{Metrics, metrics::Direction as HandshakeDirection},
+    admin::{
+        Metrics,
+        metrics::{Decision as DecisionMetric, Direction as HandshakeDirection},
+    },
     capture::Capture,
     config::{InboundMode, NodeConfig, OutboundUnknown, Ports, Protocol, Workload, WorkloadSet},
     identity::{CertStore, Identity, TrustDomain},
     netns::Netns,
+    policy::{Decision, PolicySet, Reason, Request, WorkloadRef},
     tls,
 };
 
@@ -79,6 +83,7 @@ pub struct Mesh {
     pub pool: Pool<PoolKey>,
     pub conns: Arc<ConnTable>,
     pub metrics: Arc<Metrics>,
+    policies: RwLock<PolicySet>,
     workloads: RwLock<Arc<WorkloadSet>>,
     local: RwLock<HashMap<IpAddr, Arc<PodCtx>>>,
 }
@@ -101,6 +106,7 @@ impl Mesh {
             pool: Pool::new(PoolConfig::default()),
             conns: Arc::new(ConnTable::default()),
             metrics,
+            policies: RwLock::new(PolicySet::default()),
             workloads: RwLock::new(Arc::new(WorkloadSet::default())),
             local: RwLock::new(HashMap::new()),
         }
@@ -164,6 +170,78 @@ impl Mesh {
             v4 => v4,
         };
         self.local.read().ok()?.get(&ip).cloned()
+    }
+
+    pub fn policies(&self) -> PolicySet {
+        self.policies.read().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    pub fn set_policies(&self, set: PolicySet) {
+        if let Ok(mut p) = self.policies.write() {
+            *p = set;
+        }
+    }
+
+    /// Decides a connection to a pod of this node (the destination side, where policy is enforced),
+    /// and counts the decision.
+    pub fn authorize(
+        &self,
+        source: Option<&Identity>,
+        source_ip: IpAddr,
+        destination: &str,
+        destination_addr: SocketAddr,
+    ) -> Decision {
+        let decision = self.decide(source, source_ip, destination, destination_addr);
+        let (kind, policy) = match &decision.reason {
+            Reason::AllowedBy { policy, .. } => (DecisionMetric::Allow, Some(policy.as_str())),
+            Reason::NoAllowPolicy => (DecisionMetric::Allow, None),
+            Reason::DeniedBy { policy, .. } => (DecisionMetric::Deny, Some(policy.as_str())),
+            Reason::NoAllowMatch => (DecisionMetric::Deny, None),
+        };
+        self.metrics.policy_decision(kind, policy);
+        for m in &decision.dry_run {
+            let kind = if m.matched() == matches!(m.action, crate::policy::Action::Allow) {
+                DecisionMetric::DryRunAllow
+            } else {
+                DecisionMetric::DryRunDeny
+            };
+            self.metrics.policy_decision(kind, Some(m.policy.as_str()));
+        }
+        for m in decision.audit.iter().filter(|m| m.matched()) {
+            self.metrics
+                .policy_decision(DecisionMetric::Audit, Some(m.policy.as_str()));
+        }
+        decision
+    }
+
+    /// The decision without counting it (for `ferry explain` and reload re-checks).
+    pub fn decide(
+        &self,
+        source: Option<&Identity>,
+        source_ip: IpAddr,
+        destination: &str,
+        destination_addr: SocketAddr,
+    ) -> Decision {
+        let set = self.workloads();
+        let empty = std::collections::BTreeMap::new();
+        let (namespace, name) = destination.split_once('/').unwrap_or(("", destination));
+        let labels = set
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)
+            .map(|w| &w.labels)
+            .unwrap_or(&empty);
+        let request = Request {
+            source,
+            source_ip,
+            destination: WorkloadRef {
+                namespace,
+                name,
+                labels,
+            },
+            destination_ip: destination_addr.ip(),
+            destination_port: destination_addr.port(),
+        };
+        self.policies().evaluate(&request)
     }
 
     /// The `namespace/name` of the workload at `ip`, if known.

@@ -64,6 +64,12 @@ pub async fn handle(
         Route::SameNode(dst_pod) => {
             rec.route = "same-node";
             rec.peer = dst_pod.identity.as_ref().map(ToString::to_string);
+            let decision = mesh.authorize(pod.identity.as_ref(), src.ip(), &dst_pod.name, dst);
+            rec.decision = Some(decision.to_string());
+            if !decision.allowed() {
+                reset(app);
+                return rec.finish(Outcome::Refused(decision.to_string()));
+            }
             let src_ip = pod.ip_like(dst.ip());
             match deliver(&mesh.capture, &dst_pod, src_ip, dst).await {
                 Ok(upstream) => {

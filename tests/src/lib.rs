@@ -126,7 +126,8 @@ pub fn sweep_stale() {
             }
         }
     }
-    for base in [CGROUP2, BPFFS] {
+    let tmp = std::env::temp_dir();
+    for base in [CGROUP2, BPFFS, tmp.to_str().unwrap_or("/tmp")] {
         let Ok(entries) = fs::read_dir(base) else {
             continue;
         };
@@ -136,6 +137,7 @@ pub fn sweep_stale() {
                 if base == CGROUP2 {
                     remove_cgroup_tree(&e.path());
                 } else {
+                    // bpffs pins, or the logs a failed run kept in the temp dir.
                     let _ = fs::remove_dir_all(e.path());
                 }
             }

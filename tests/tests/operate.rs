@@ -207,11 +207,14 @@ fn sigterm_lets_a_live_transfer_finish() -> Result<()> {
     ]);
     let h = world.spawn(hold, "hold")?;
     h.wait_for_output("connected", Duration::from_secs(5))?;
+    assert_eq!(n1.http_get("/readyz")?.0, 200);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(a1.pid as i32),
         nix::sys::signal::SIGTERM,
     )?;
     std::thread::sleep(Duration::from_millis(300));
+    let (code, body) = n1.http_get("/readyz")?;
+    assert_eq!(code, 503, "not ready while draining: {body}");
     let to = SocketAddr::new(IpAddr::V4(server.ip4), 8080);
     let d = dial(client.command(testapp()), to, "new")?;
     assert!(!d.ok, "new connections are refused while draining: {d:?}");

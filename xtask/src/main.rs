@@ -118,6 +118,29 @@ fn build(root: &Path, release: bool) -> Result<Bins> {
     })
 }
 
+/// A bounded run of the policy parser's fuzz target (nightly, libFuzzer); a crash fails the suite.
+fn fuzz_smoke(root: &Path) -> Result<()> {
+    let mut fuzz = Command::new("cargo");
+    fuzz.current_dir(root.join("agent"))
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    if let Some(path) = cargo(root)
+        .get_envs()
+        .find(|(k, _)| *k == "PATH")
+        .and_then(|(_, v)| v)
+    {
+        fuzz.env("PATH", path);
+    }
+    let corpus = target_dir(root).join("fuzz-corpus");
+    std::fs::create_dir_all(&corpus)?;
+    fuzz.args(["+nightly", "fuzz", "run", "policy_parse", "--target-dir"])
+        .arg(target_dir(root).join("fuzz"))
+        .arg(&corpus)
+        .arg("fuzz/seeds")
+        .args(["--", "-max_total_time=20"]);
+    status(fuzz).context("fuzzing the policy parser")
+}
+
 fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
     if !no_lint {
         let mut fmt = cargo(root);
@@ -159,6 +182,7 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
         status(ebpf)?;
     }
     let bins = build(root, false)?;
+    fuzz_smoke(root)?;
     let mut t = cargo(root);
     t.arg("test")
         .args(args)

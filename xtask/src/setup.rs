@@ -22,6 +22,7 @@ pub fn setup(root: &Path) -> Result<()> {
     let sysroot = nightly_sysroot()?;
     ensure_rust_src(&sysroot)?;
     ensure_bpf_linker(root, &sysroot)?;
+    ensure_cargo_fuzz(root)?;
     ensure_python_h2();
     Ok(())
 }
@@ -218,6 +219,34 @@ fn ensure_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
         );
     }
     std::fs::write(&stamp, want)?;
+    Ok(())
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// The policy parser's fuzz target runs (briefly) in the test suite.
+fn ensure_cargo_fuzz(root: &Path) -> Result<()> {
+    let tools = tools_dir(root);
+    if tools.join("bin/cargo-fuzz").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} into {} (once)",
+        tools.display()
+    );
+    let st = Command::new("cargo")
+        .args([
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+            "--root",
+        ])
+        .arg(&tools)
+        .status()
+        .context("running cargo install cargo-fuzz")?;
+    if !st.success() {
+        bail!("installing cargo-fuzz failed (see above): it needs crates.io.");
+    }
     Ok(())
 }
 

@@ -138,7 +138,23 @@ fn fuzz_smoke(root: &Path) -> Result<()> {
         .arg(&corpus)
         .arg("fuzz/seeds")
         .args(["--", "-max_total_time=20"]);
-    status(fuzz).context("fuzzing the policy parser")
+    // libFuzzer reports every new input; keep the log short unless something breaks.
+    let out = fuzz.output().context("running cargo fuzz")?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
+        bail!("fuzzing the policy parser failed ({})", out.status);
+    }
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("Done") || l.contains("cov:"))
+        .unwrap_or("");
+    eprintln!("xtask: fuzzed the policy parser for 20 s: {last}");
+    Ok(())
 }
 
 fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {

@@ -67,6 +67,7 @@ pub struct ConnRecord {
     pub decision: Option<String>,
     started: Instant,
     tracker: Option<ConnTracker>,
+    ends: Ends,
 }
 
 impl ConnRecord {
@@ -80,6 +81,7 @@ impl ConnRecord {
             peer: None,
             decision: None,
             tracker: None,
+            ends: Ends::default(),
             started: Instant::now(),
         }
     }
@@ -104,6 +106,7 @@ impl ConnRecord {
             },
         };
         self.tracker = Some(metrics.track_conn(&labels));
+        self.ends = ends.clone();
     }
 
     /// The live-table form of this connection.
@@ -153,6 +156,10 @@ impl ConnRecord {
             route = self.route,
             peer_identity = self.peer.as_deref().unwrap_or(""),
             decision = self.decision.as_deref().unwrap_or(""),
+            src_workload = %workload(&self.ends.src),
+            dst_workload = %workload(&self.ends.dst),
+            src_principal = self.ends.src_principal.as_deref().unwrap_or(""),
+            dst_principal = self.ends.dst_principal.as_deref().unwrap_or(""),
             result,
             reason = %reason,
             bytes_sent = sent,
@@ -161,4 +168,10 @@ impl ConnRecord {
             "connection closed"
         );
     }
+}
+
+fn workload(w: &Option<(String, String)>) -> String {
+    w.as_ref()
+        .map(|(ns, n)| format!("{ns}/{n}"))
+        .unwrap_or_default()
 }

@@ -15,7 +15,7 @@ use std::{
     ffi::CString,
     fs::{self, File},
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -931,18 +931,6 @@ pub fn dial(mut cmd: Command, to: SocketAddr, send: &str) -> Result<Dial> {
     ]);
     let out = run_with_timeout(cmd, Duration::from_secs(10))?;
     serde_json::from_str(out.trim()).with_context(|| format!("parsing dial output {out:?}"))
-}
-
-pub fn ip_of(addr: IpAddr, port: u16) -> SocketAddr {
-    SocketAddr::new(addr, port)
-}
-
-/// Writes bytes to a file atomically enough for a reader polling it.
-pub fn write_file(path: &Path, text: &str) -> Result<()> {
-    let mut f = File::create(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
 }
 
 /// Polls until `f` returns true or the timeout passes.

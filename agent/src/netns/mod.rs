@@ -8,7 +8,7 @@ pub mod route;
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -154,19 +154,6 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
-}
-
-/// Duplicates a descriptor so a std socket can be handed to tokio while the original stays elsewhere.
-pub fn dup(fd: &impl AsFd) -> io::Result<OwnedFd> {
-    fd.as_fd().try_clone_to_owned()
-}
-
-/// Wraps a raw descriptor we own.
-///
-/// # Safety
-/// `fd` must be an open descriptor owned by nobody else.
-pub unsafe fn owned(fd: i32) -> OwnedFd {
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 #[cfg(test)]

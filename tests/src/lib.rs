@@ -675,6 +675,28 @@ impl World {
         Ok(Proc { pid, out })
     }
 
+    /// Starts `ferry-testapp serve` in `ctx` (a pod's or node's command) and waits until it listens.
+    pub fn serve(&self, mut ctx: Command, listen: &str, tag: &str) -> Result<Proc> {
+        ctx.args(["serve", "--listen", listen, "--tag", tag]);
+        let p = self.spawn(ctx, tag)?;
+        p.wait_for_output("listening", Duration::from_secs(5))?;
+        Ok(p)
+    }
+
+    /// Starts `ferry-testapp hold` (a long-lived echo exchange) in `ctx` and waits until connected.
+    pub fn hold(&self, mut ctx: Command, to: SocketAddr, seconds: u32) -> Result<Proc> {
+        ctx.args([
+            "hold",
+            "--to",
+            &to.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ]);
+        let p = self.spawn(ctx, "hold")?;
+        p.wait_for_output("connected", Duration::from_secs(5))?;
+        Ok(p)
+    }
+
     fn track(&self, child: Child) {
         if let Ok(mut c) = self.children.lock() {
             c.push(child);

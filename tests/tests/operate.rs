@@ -46,20 +46,12 @@ fn cli_metrics_and_readiness_against_a_running_agent() -> Result<()> {
     assert_eq!(n1.http_get("/readyz")?.0, 200);
     assert_eq!(n1.http_get("/healthz")?.0, 200);
 
-    let mut srv = server.command(testapp());
-    srv.args(["serve", "--listen", "0.0.0.0:8080", "--tag", "cart"]);
-    let app = world.spawn(srv, "cart")?;
-    app.wait_for_output("listening", Duration::from_secs(5))?;
-    let mut hold = client.command(testapp());
-    hold.args([
-        "hold",
-        "--to",
-        &format!("{}:8080", server.ip4),
-        "--seconds",
-        "4",
-    ]);
-    let h = world.spawn(hold, "hold")?;
-    h.wait_for_output("connected", Duration::from_secs(5))?;
+    let _app = world.serve(server.command(testapp()), "0.0.0.0:8080", "cart")?;
+    let h = world.hold(
+        client.command(testapp()),
+        SocketAddr::new(IpAddr::V4(server.ip4), 8080),
+        4,
+    )?;
     std::thread::sleep(Duration::from_millis(500));
 
     let status = n1.cli(&["status"])?;
@@ -193,20 +185,12 @@ fn sigterm_lets_a_live_transfer_finish() -> Result<()> {
     }
     let a1 = world.start_agent(&n1)?;
     let _a2 = world.start_agent(&n2)?;
-    let mut srv = server.command(testapp());
-    srv.args(["serve", "--listen", "0.0.0.0:8080", "--tag", "cart"]);
-    let app = world.spawn(srv, "cart")?;
-    app.wait_for_output("listening", Duration::from_secs(5))?;
-    let mut hold = client.command(testapp());
-    hold.args([
-        "hold",
-        "--to",
-        &format!("{}:8080", server.ip4),
-        "--seconds",
-        "3",
-    ]);
-    let h = world.spawn(hold, "hold")?;
-    h.wait_for_output("connected", Duration::from_secs(5))?;
+    let _app = world.serve(server.command(testapp()), "0.0.0.0:8080", "cart")?;
+    let h = world.hold(
+        client.command(testapp()),
+        SocketAddr::new(IpAddr::V4(server.ip4), 8080),
+        3,
+    )?;
     assert_eq!(n1.http_get("/readyz")?.0, 200);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(a1.pid as i32),

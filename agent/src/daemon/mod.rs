@@ -90,6 +90,19 @@ struct Daemon {
 
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let cfg = Arc::new(NodeConfig::load(config_path)?);
+    // Probes answer from the start: live at once, ready only once capture is attached, certificates
+    // are loaded and the config is valid.
+    let startup = Arc::new(Startup::default());
+    let http = tokio::net::TcpListener::bind(cfg.admin.http)
+        .await
+        .map_err(|e| DaemonError::Admin {
+            what: format!("binding the admin HTTP address {}", cfg.admin.http),
+            source: e,
+        })?;
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(admin::serve(http, startup.clone(), async move {
+        let _ = http_stopped.await;
+    }));
     let capture = Arc::new(Capture::open(&cfg)?);
     tracing::info!(
         node = %cfg.node,
@@ -143,16 +156,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         source: e,
     })?;
     tokio::spawn(admin::socket::serve(socket, view.clone()));
-    let http = tokio::net::TcpListener::bind(cfg.admin.http)
-        .await
-        .map_err(|e| DaemonError::Admin {
-            what: format!("binding the admin HTTP address {}", cfg.admin.http),
-            source: e,
-        })?;
-    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(admin::serve(http, view.clone(), async move {
-        let _ = http_stopped.await;
-    }));
+    if startup.view.set(view.clone()).is_err() {
+        tracing::warn!("admin view set twice");
+    }
     let mut daemon = Daemon {
         cfg: cfg.clone(),
         capture,
@@ -427,6 +433,25 @@ where
             }
         }
     })
+}
+
+/// The HTTP endpoints' view before the agent is fully up.
+#[derive(Default)]
+struct Startup {
+    view: std::sync::OnceLock<Arc<AgentView>>,
+}
+
+impl admin::AdminState for Startup {
+    fn metrics(&self) -> String {
+        self.view.get().map(|v| v.metrics()).unwrap_or_default()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        match self.view.get() {
+            Some(v) => v.ready(),
+            None => Err("starting: attaching capture and loading certificates".into()),
+        }
+    }
 }
 
 /// Follows the policy directory: a change is applied once it has stayed the same for one tick

@@ -178,7 +178,10 @@ fn a_kubelet_configmap_swap_changes_decisions_without_a_restart() -> Result<()> 
     )?;
     m.a2.wait_for(|l| l.msg() == "policies reloaded", Duration::from_secs(10))?;
     assert!(
-        !m.n2.policies_dir().join("..2026_11_25_10_00_00.123").exists()
+        !m.n2
+            .policies_dir()
+            .join("..2026_11_25_10_00_00.123")
+            .exists()
             && !m.n2.policies_dir().join("payments.yaml").exists(),
         "the swap is complete"
     );
@@ -198,13 +201,12 @@ fn a_kubelet_configmap_swap_changes_decisions_without_a_restart() -> Result<()> 
     );
     let starts = m.a2.lines().iter().filter(|l| l.msg() == "ready").count();
     assert_eq!(starts, 1, "the agent did not restart");
-    let rejected: Vec<String> = m
-        .a2
-        .lines()
-        .into_iter()
-        .filter(|l| l.msg().starts_with("policies rejected"))
-        .map(|l| l.0.to_string())
-        .collect();
+    let rejected: Vec<String> =
+        m.a2.lines()
+            .into_iter()
+            .filter(|l| l.msg().starts_with("policies rejected"))
+            .map(|l| l.0.to_string())
+            .collect();
     assert!(rejected.is_empty(), "{rejected:?}");
     let status = m.n2.cli(&["status"])?;
     assert_eq!(status["last_reload"]["ok"], true, "{status}");

@@ -64,13 +64,24 @@ fn ensure_tools(root: &Path) -> Result<PathBuf> {
     if present {
         return Ok(bin);
     }
-    eprintln!("xtask: installing {} into {}", TOOLS.join(" and "), venv.display());
+    eprintln!(
+        "xtask: installing {} into {}",
+        TOOLS.join(" and "),
+        venv.display()
+    );
     let mut mk = Command::new("python3");
     mk.args(["-m", "venv"]).arg(&venv);
-    crate::status(mk).context("creating a Python virtualenv (on Debian: apt-get install python3-venv)")?;
+    crate::status(mk)
+        .context("creating a Python virtualenv (on Debian: apt-get install python3-venv)")?;
     let mut pip = Command::new(bin.join("python"));
-    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-        .args(TOOLS);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(TOOLS);
     crate::status(pip).context("installing the manifest checkers from PyPI")?;
     Ok(bin)
 }
@@ -78,9 +89,14 @@ fn ensure_tools(root: &Path) -> Result<PathBuf> {
 /// The manifests: every `*.yaml` directly in deploy/ except the kustomization itself.
 fn manifests(deploy: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(deploy).with_context(|| format!("reading {}", deploy.display()))? {
+    for entry in
+        std::fs::read_dir(deploy).with_context(|| format!("reading {}", deploy.display()))?
+    {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if path.is_file() && name.ends_with(".yaml") && name != "kustomization.yaml" {
             found.push(path);
         }

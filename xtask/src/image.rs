@@ -113,12 +113,21 @@ fn build_and_push(root: &Path, binary: &Path, archive: &Path) -> Result<()> {
             .with_context(|| format!("removing the old {}", archive.display()))?;
     }
     let mut bud = Command::new("buildah");
-    bud.args([STORAGE, "bud", "--isolation=chroot", "--layers=false", "--rm"])
-        .args(["--build-arg", concat!("VERSION=", env!("CARGO_PKG_VERSION"))])
-        .arg("--file")
-        .arg(root.join("deploy/Containerfile"))
-        .args(["--tag", IMAGE])
-        .arg(&context.0);
+    bud.args([
+        STORAGE,
+        "bud",
+        "--isolation=chroot",
+        "--layers=false",
+        "--rm",
+    ])
+    .args([
+        "--build-arg",
+        concat!("VERSION=", env!("CARGO_PKG_VERSION")),
+    ])
+    .arg("--file")
+    .arg(root.join("deploy/Containerfile"))
+    .args(["--tag", IMAGE])
+    .arg(&context.0);
     let result = crate::status(bud).and_then(|()| {
         let mut push = Command::new("buildah");
         push.args([STORAGE, "push", IMAGE])
@@ -220,7 +229,12 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 
 fn untar(file: &Path, into: &Path, compression: Option<&str>) -> Result<()> {
     let mut tar = Command::new("tar");
-    tar.arg("-x").args(compression).arg("-f").arg(file).arg("-C").arg(into);
+    tar.arg("-x")
+        .args(compression)
+        .arg("-f")
+        .arg(file)
+        .arg("-C")
+        .arg(into);
     crate::status(tar)
 }
 

@@ -277,9 +277,7 @@ fn check_node_name(path: &Path, field: &str, name: &str) -> Result<(), ConfigErr
     Err(ConfigError::Invalid {
         path: path.to_owned(),
         field: field.to_owned(),
-        message: format!(
-            "{name:?} is not a valid node name (lowercase letters, digits, '-', '.')"
-        ),
+        message: format!("{name:?} is not a valid node name (lowercase letters, digits, '-', '.')"),
     })
 }
 

@@ -1,7 +1,8 @@
 //! Policies from a Kubernetes ConfigMap volume: the node's policy directory is laid out as the kubelet
 //! lays out a ConfigMap mount, then updated with the kubelet's atomic swap, and the running agent
 //! enforces the new policy without a restart. The agent also takes its node name from `NODE_NAME`
-//! (the DaemonSet's downward API), since one node config ConfigMap serves every node.
+//! (the DaemonSet's downward API), since one node config ConfigMap serves every node, and an agent
+//! leaving during a surge rollout keeps its hands off its successor's admin socket.
 use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::symlink,
@@ -240,5 +241,29 @@ fn the_shipped_policies_configmap_lints_clean() -> Result<()> {
         text.contains(&format!("{} policies, 0 errors, 0 warnings", data.len())),
         "{text}"
     );
+    Ok(())
+}
+
+/// During a DaemonSet surge the next agent binds the shared admin socket path (hostPath /run/ferry)
+/// while the old one drains: the old one must not remove the newcomer's socket when it exits.
+#[test]
+fn an_exiting_agent_leaves_a_newer_agents_admin_socket_in_place() -> Result<()> {
+    let mut world = World::new()?;
+    let node = world.add_node("n1", 1, false)?;
+    let agent = world.start_agent(&node)?;
+    let socket = node.admin_socket();
+    std::fs::remove_file(&socket)?;
+    let _newcomer = std::os::unix::net::UnixListener::bind(&socket)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid as i32),
+        nix::sys::signal::SIGTERM,
+    )?;
+    let exited = ferry_e2e::eventually(Duration::from_secs(15), || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", agent.pid)).unwrap_or_default();
+        status.is_empty() || status.contains("State:\tZ")
+    });
+    assert!(exited, "the agent did not exit after SIGTERM");
+    assert!(socket.exists(), "the newcomer's admin socket was removed");
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's own commands. Every command first runs `setup`, which is idempotent.
 mod demo;
+mod deploy_check;
+mod image;
 mod setup;
 
 use std::{
@@ -37,6 +39,10 @@ enum Cmd {
     },
     /// Run the local two-node demo.
     Demo,
+    /// Build the agent's container image (static binary, FROM scratch) into an OCI archive and check it.
+    Image,
+    /// Validate the Kubernetes manifests in deploy/ (kubernetes-validate, checkov).
+    DeployCheck,
 }
 
 fn main() {
@@ -58,6 +64,8 @@ fn run() -> Result<()> {
             let bins = build(&root, true)?;
             demo::run(&bins)
         }
+        Cmd::Image => image::run(&root),
+        Cmd::DeployCheck => deploy_check::run(&root),
     }
 }
 

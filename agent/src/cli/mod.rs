@@ -39,6 +39,10 @@ enum Command {
     Run {
         #[arg(long, default_value_os_t = daemon::default_config())]
         config: PathBuf,
+        /// This node's name, overriding the config's `node` (on Kubernetes: the downward API's
+        /// `spec.nodeName`, so one ConfigMap serves every node).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
     },
     /// Certificate authority material: the trust-domain root and per-node intermediates.
     Ca {
@@ -212,7 +216,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run { config } => run(config),
+        Command::Run { config, node_name } => run(config, node_name.as_deref()),
         Command::Uninstall { config } => uninstall(config),
         Command::Ca { command } => ca(command),
         Command::Status(t) => query(t, Request::Status),
@@ -253,11 +257,15 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(config: PathBuf) -> anyhow::Result<()> {
+fn run(config: PathBuf, node_name: Option<&str>) -> anyhow::Result<()> {
+    let mut cfg = NodeConfig::load(&config)?;
+    if let Some(name) = node_name {
+        cfg = cfg.with_node_name(name)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(daemon::run(&config))?;
+    rt.block_on(daemon::run(cfg))?;
     Ok(())
 }
 

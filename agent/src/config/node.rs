@@ -196,15 +196,7 @@ impl NodeConfig {
             field: field.to_owned(),
             message,
         };
-        if !is_dns_label(&raw.node) {
-            return Err(invalid(
-                "node",
-                format!(
-                    "{:?} is not a valid node name (lowercase letters, digits, '-', '.')",
-                    raw.node
-                ),
-            ));
-        }
+        check_node_name(path, "node", &raw.node)?;
         let p = raw.ports;
         for (field, port) in [
             ("ports.outbound", p.outbound),
@@ -267,6 +259,28 @@ impl NodeConfig {
     }
 }
 
+impl NodeConfig {
+    /// Replaces the file's `node` with `name` (`ferry run --node-name`, from the downward API's
+    /// `spec.nodeName` on Kubernetes, where one ConfigMap serves every node), validated as the file's
+    /// value is: the name decides which workloads are this node's pods.
+    pub fn with_node_name(mut self, name: &str) -> Result<Self, ConfigError> {
+        check_node_name(&self.path, "node (--node-name)", name)?;
+        self.node = name.to_owned();
+        Ok(self)
+    }
+}
+
+fn check_node_name(path: &Path, field: &str, name: &str) -> Result<(), ConfigError> {
+    if is_dns_label(name) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        path: path.to_owned(),
+        field: field.to_owned(),
+        message: format!("{name:?} is not a valid node name (lowercase letters, digits, '-', '.')"),
+    })
+}
+
 pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
@@ -316,6 +330,60 @@ mod tests {
         assert!(err.contains("/etc/ferry/node.yaml"), "{err}");
         assert!(err.contains("exclude_prots"), "{err}");
         assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn node_name_override_replaces_the_file_value_and_is_validated() {
+        let c = parse("node: placeholder\nworkloads: w\n").unwrap();
+        let c = c.with_node_name("worker-2.example").unwrap();
+        assert_eq!(c.node, "worker-2.example");
+        let err = parse("node: n1\nworkloads: w\n")
+            .unwrap()
+            .with_node_name("Worker_2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--node-name") && err.contains("Worker_2"),
+            "{err}"
+        );
+        assert!(
+            parse("node: n1\nworkloads: w\n")
+                .unwrap()
+                .with_node_name("")
+                .is_err()
+        );
+    }
+
+    /// The node config shipped in deploy/config.yaml (a ConfigMap) parses, serves the kubelet's probes
+    /// on the pod IP, and drains within the DaemonSet's termination grace period.
+    #[test]
+    fn the_kubernetes_configmap_config_parses_and_fits_the_daemonset() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let read = |name: &str| -> serde_yaml::Value {
+            let text = std::fs::read_to_string(deploy.join(name)).unwrap();
+            serde_yaml::from_str(&text).unwrap()
+        };
+        let cm = read("config.yaml");
+        let text = cm["data"]["node.yaml"].as_str().unwrap();
+        let c = NodeConfig::parse(Path::new("/etc/ferry/node.yaml"), text)
+            .unwrap()
+            .with_node_name("worker-1")
+            .unwrap();
+        assert_eq!(c.admin.http.to_string(), "0.0.0.0:15020");
+        assert_eq!(c.workloads, PathBuf::from("/etc/ferry/workloads.yaml"));
+        assert_eq!(
+            c.certificates.unwrap().dir,
+            PathBuf::from("/etc/ferry/certs")
+        );
+        let ds = read("daemonset.yaml");
+        let grace = ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            c.drain_deadline < std::time::Duration::from_secs(grace),
+            "drain_deadline {:?} must end before the kubelet kills the agent ({grace}s)",
+            c.drain_deadline
+        );
     }
 
     #[test]

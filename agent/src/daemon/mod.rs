@@ -88,8 +88,9 @@ struct Daemon {
     inflight: Arc<()>,
 }
 
-pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
-    let cfg = Arc::new(NodeConfig::load(config_path)?);
+/// Runs the agent with a loaded config (the CLI applies overrides such as `--node-name` first).
+pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
+    let cfg = Arc::new(cfg);
     // Probes answer from the start: live at once, ready only once capture is attached, certificates
     // are loaded and the config is valid.
     let startup = Arc::new(Startup::default());
@@ -155,6 +156,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         what: format!("binding the admin socket {}", cfg.admin.socket.display()),
         source: e,
     })?;
+    // Which file is ours: during a DaemonSet surge the next agent binds the same path (a shared
+    // hostPath) while this one drains, and this one must not remove the newcomer's socket on exit.
+    let socket_id = socket_file_id(&cfg.admin.socket);
     tokio::spawn(admin::socket::serve(socket, view.clone()));
     if startup.view.set(view.clone()).is_err() {
         tracing::warn!("admin view set twice");
@@ -212,8 +216,18 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         .store(false, std::sync::atomic::Ordering::Relaxed);
     daemon.shutdown().await;
     let _ = http_stop.send(());
-    let _ = std::fs::remove_file(&cfg.admin.socket);
+    if socket_id.is_some() && socket_file_id(&cfg.admin.socket) == socket_id {
+        let _ = std::fs::remove_file(&cfg.admin.socket);
+    }
     Ok(())
+}
+
+/// (device, inode) of a file, to tell our admin socket from one a later agent bound at the same path.
+fn socket_file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Daemon {

@@ -212,5 +212,12 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
         .args(args)
         .env("FERRY_BIN", &bins.ferry)
         .env("FERRY_TESTAPP", &bins.testapp);
-    status(t)
+    status(t)?;
+    // The install: manifests validated and scanned, the container image built and its binary run.
+    // Only for the whole suite, not a filtered run.
+    if args.is_empty() {
+        deploy_check::run(root)?;
+        image::run(root)?;
+    }
+    Ok(())
 }

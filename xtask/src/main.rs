@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's own commands. Every command first runs `setup`, which is idempotent.
+mod bench;
 mod demo;
 mod setup;
 
@@ -37,6 +38,15 @@ enum Cmd {
     },
     /// Run the local two-node demo.
     Demo,
+    /// Benchmark Ferry against direct TCP (latency, churn, bulk, cost, memory); see xtask/src/bench.rs.
+    Bench {
+        /// A smoke run (under a minute) that produces every figure from far fewer samples.
+        #[arg(long)]
+        quick: bool,
+        /// Where bench.json, bench.md and latency.svg go (default: <target dir>/bench).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -57,6 +67,9 @@ fn run() -> Result<()> {
         Cmd::Demo => {
             let bins = build(&root, true)?;
             demo::run(&bins)
+        }
+        Cmd::Bench { quick, out } => {
+            bench::run(&build(&root, true)?, &target_dir(&root), quick, out)
         }
     }
 }

@@ -985,7 +985,11 @@ fn svg(curves: &[(String, [Vec<u64>; 2])]) -> String {
     for (i, (name, samples)) in curves.iter().enumerate() {
         let (ox, oy) = ((i % cols) as f64 * pw, 30.0 + (i / cols) as f64 * ph);
         let (iw, ih) = (pw - ml - 20.0, ph - mt - mb);
-        let ymax = samples.iter().map(|v| pct(v, 99.95)).fold(1.0, f64::max) / 1e3 * 1.1;
+        // Log scale: medians of tens of microseconds and tails of milliseconds on one chart.
+        let lo = samples.iter().map(|v| pct(v, 0.0)).fold(f64::MAX, f64::min) / 1e3 / 1.2;
+        let hi = samples.iter().map(|v| pct(v, 99.95)).fold(1.0, f64::max) / 1e3 * 1.2;
+        let (lo, hi) = (lo.clamp(0.1, hi / 2.0).log10(), hi.log10());
+        let ypos = |us: f64| ((us.max(1e-3).log10() - lo) / (hi - lo)).clamp(0.0, 1.0);
         let _ = writeln!(
             s,
             "<text x=\"{}\" y=\"{}\" font-size=\"12\">{name}</text>",
@@ -1006,12 +1010,18 @@ fn svg(curves: &[(String, [Vec<u64>; 2])]) -> String {
                 y0 + ih + 14.0
             );
         }
-        for k in 0..=4 {
-            let v = ymax * k as f64 / 4.0;
-            let y = y0 + ih - ih * k as f64 / 4.0;
+        for v in [
+            1.0_f64, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4,
+        ] {
+            let f = v.log10();
+            if f < lo || f > hi {
+                continue;
+            }
+            let y = y0 + ih - ypos(v) * ih;
             let _ = writeln!(
                 s,
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0} µs</text>",
+                "<line x1=\"{x0}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v} µs</text>",
+                x0 + iw,
                 x0 - 4.0,
                 y + 4.0
             );
@@ -1020,7 +1030,7 @@ fn svg(curves: &[(String, [Vec<u64>; 2])]) -> String {
             let pts: Vec<String> = CURVE
                 .iter()
                 .map(|&q| {
-                    let y = y0 + ih - (pct(samples, q) / 1e3 / ymax).min(1.0) * ih;
+                    let y = y0 + ih - ypos(pct(samples, q) / 1e3) * ih;
                     format!("{:.1},{:.1}", x0 + xpos(q) * iw, y)
                 })
                 .collect();

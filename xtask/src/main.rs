@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's own commands. Every command first runs `setup`, which is idempotent.
+mod bench;
 mod demo;
 mod deploy_check;
 mod image;
@@ -43,6 +44,15 @@ enum Cmd {
     Image,
     /// Validate the Kubernetes manifests in deploy/ (kubernetes-validate, checkov).
     DeployCheck,
+    /// Benchmark Ferry against direct TCP (latency, churn, bulk, cost, memory); see xtask/src/bench.rs.
+    Bench {
+        /// A smoke run (under a minute) that produces every figure from far fewer samples.
+        #[arg(long)]
+        quick: bool,
+        /// Where bench.json, bench.md and latency.svg go (default: <target dir>/bench).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -66,6 +76,9 @@ fn run() -> Result<()> {
         }
         Cmd::Image => image::run(&root),
         Cmd::DeployCheck => deploy_check::run(&root),
+        Cmd::Bench { quick, out } => {
+            bench::run(&build(&root, true)?, &target_dir(&root), quick, out)
+        }
     }
 }
 
@@ -218,6 +231,8 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
     if args.is_empty() {
         deploy_check::run(root)?;
         image::run(root)?;
+        // A smoke run: every scenario must produce numbers; how fast they are is not asserted.
+        bench::run(&build(root, true)?, &target_dir(root), true, None)?;
     }
     Ok(())
 }

@@ -290,12 +290,12 @@ pub fn run(bins: &Bins, target_dir: &Path, quick: bool, out: Option<PathBuf>) ->
         );
     }
     let nofile = set_limits()?;
-    // Each agent holds two descriptors per proxied connection (the app's socket and its pair);
-    // leave room for everything else.
-    let fit = (nofile.saturating_sub(256) / 2) as usize;
+    // Each agent holds one descriptor per proxied connection (the app's or the delivery socket),
+    // and so does each end of the load generator; leave room for everything else.
+    let fit = nofile.saturating_sub(256) as usize;
     let hold_note = if fit < p.hold_conns {
         format!(
-            "{} connections do not fit RLIMIT_NOFILE {nofile} (the hard limit; raising it needs CAP_SYS_RESOURCE), at 2 descriptors per connection in each agent: measured {fit}.",
+            "{} connections do not fit RLIMIT_NOFILE {nofile} (the hard limit; raising it needs CAP_SYS_RESOURCE), at 1 descriptor per connection in each agent: measured {fit}.",
             p.hold_conns
         )
     } else {

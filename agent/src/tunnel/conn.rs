@@ -110,11 +110,7 @@ impl ConnRecord {
     }
 
     /// The live-table form of this connection.
-    pub fn live<'a>(
-        &'a self,
-        app_socket: Option<&'a tokio::net::TcpStream>,
-        policy: Option<super::conns::PolicyInput>,
-    ) -> super::conns::NewConn<'a> {
+    pub fn live(&self, policy: Option<super::conns::PolicyInput>) -> super::conns::NewConn<'_> {
         super::conns::NewConn {
             direction: self.direction,
             pod: &self.pod,
@@ -123,7 +119,6 @@ impl ConnRecord {
             route: self.route,
             peer: self.peer.clone(),
             policy,
-            app_socket,
         }
     }
 

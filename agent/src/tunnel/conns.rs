@@ -2,7 +2,6 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    os::fd::{AsFd, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -10,7 +9,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use super::{CopyStats, conn::Direction};
+use super::{CopyStats, conn::Direction, kill::KillSwitch};
 
 /// What the policy engine needs to re-decide a live inbound connection.
 #[derive(Clone, Debug)]
@@ -37,17 +36,14 @@ pub struct ConnEntry {
     pub stats: Arc<CopyStats>,
     /// Set for connections this node authorizes (the destination side).
     pub policy: Option<PolicyInput>,
-    /// A duplicate of the app-side socket: shutting it down ends the relay from outside.
-    kill: Option<OwnedFd>,
+    /// Thrown to end the relay from outside.
+    pub kill: Arc<KillSwitch>,
 }
 
 impl ConnEntry {
-    /// Ends the connection: both directions of the app-side socket are shut down, so the relay sees
-    /// the end and tears the other side down with it.
+    /// Ends the connection: its relay stops and both sides are torn down.
     pub fn close(&self) {
-        if let Some(fd) = &self.kill {
-            let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Both);
-        }
+        self.kill.kill();
     }
 }
 
@@ -79,7 +75,6 @@ pub struct NewConn<'a> {
     pub route: &'static str,
     pub peer: Option<String>,
     pub policy: Option<PolicyInput>,
-    pub app_socket: Option<&'a tokio::net::TcpStream>,
 }
 
 impl ConnTable {
@@ -96,9 +91,7 @@ impl ConnTable {
             started_at: SystemTime::now(),
             stats: Arc::new(CopyStats::new()),
             policy: c.policy,
-            kill: c
-                .app_socket
-                .and_then(|s| s.as_fd().try_clone_to_owned().ok()),
+            kill: Arc::new(KillSwitch::default()),
         });
         if let Ok(mut live) = self.live.lock() {
             live.insert(entry.id, entry.clone());

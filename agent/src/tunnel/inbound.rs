@@ -10,6 +10,7 @@ use super::{
     conn::{ConnRecord, Direction, Ends, Outcome},
     conns::PolicyInput,
     deliver,
+    kill::Killable,
     mesh::{Mesh, PodCtx},
     outbound::splice,
     reset,
@@ -74,8 +75,8 @@ async fn permissive(
                 ..Ends::default()
             };
             rec.track(&mesh.metrics, &ends);
-            let reg = mesh.conns.register(rec.live(Some(&app), Some(policy)));
-            rec.finish(splice(client, app, &reg.entry.stats).await)
+            let reg = mesh.conns.register(rec.live(Some(policy)));
+            rec.finish(splice(client, app, &reg.entry.stats, &reg.entry.kill).await)
         }
         Err(e) => {
             reset(client);
@@ -171,22 +172,24 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
                         mutual_tls: true,
                     };
                     rec.track(&mesh.metrics, &ends);
-                    let reg = mesh.conns.register(rec.live(Some(&app), Some(policy)));
+                    let reg = mesh.conns.register(rec.live(Some(policy)));
                     let stats = reg.entry.stats.clone();
-                    Ok(Upstream::new(app).with_stats(stats).on_complete(move |r| {
-                        drop(reg);
-                        rec.finish(match r {
-                            Ok(o) => Outcome::Closed {
-                                sent: o.received,
-                                received: o.sent,
-                            },
-                            Err(e) => Outcome::Error {
-                                sent: 0,
-                                received: 0,
-                                error: e.to_string(),
-                            },
-                        })
-                    }))
+                    Ok(Upstream::new(Killable::new(app, reg.entry.kill.clone()))
+                        .with_stats(stats)
+                        .on_complete(move |r| {
+                            drop(reg);
+                            rec.finish(match r {
+                                Ok(o) => Outcome::Closed {
+                                    sent: o.received,
+                                    received: o.sent,
+                                },
+                                Err(e) => Outcome::Error {
+                                    sent: 0,
+                                    received: 0,
+                                    error: e.to_string(),
+                                },
+                            })
+                        }))
                 }
                 Err(e) => {
                     rec.finish(Outcome::Unreachable(e.to_string()));

@@ -58,6 +58,7 @@ mod error;
 pub mod hbone_client;
 pub mod hbone_server;
 pub mod inbound;
+pub mod kill;
 pub mod mesh;
 pub mod outbound;
 pub mod pool;

@@ -9,6 +9,7 @@ use super::{
     connect_in,
     conns::PolicyInput,
     deliver,
+    kill::KillSwitch,
     mesh::{Mesh, Route},
     reset,
 };
@@ -51,8 +52,8 @@ pub async fn handle(
                             ..Ends::default()
                         };
                         rec.track(&mesh.metrics, &ends);
-                        let reg = mesh.conns.register(rec.live(Some(&app), None));
-                        rec.finish(splice(app, upstream, &reg.entry.stats).await)
+                        let reg = mesh.conns.register(rec.live(None));
+                        rec.finish(splice(app, upstream, &reg.entry.stats, &reg.entry.kill).await)
                     }
                     Err(e) => {
                         reset(app);
@@ -87,8 +88,8 @@ pub async fn handle(
                         mutual_tls: false,
                     };
                     rec.track(&mesh.metrics, &ends);
-                    let reg = mesh.conns.register(rec.live(Some(&upstream), Some(policy)));
-                    rec.finish(splice(app, upstream, &reg.entry.stats).await)
+                    let reg = mesh.conns.register(rec.live(Some(policy)));
+                    rec.finish(splice(app, upstream, &reg.entry.stats, &reg.entry.kill).await)
                 }
                 Err(e) => {
                     reset(app);
@@ -130,7 +131,7 @@ pub async fn handle(
             };
             let _ = app.set_nodelay(true);
             rec.track(&mesh.metrics, &ends);
-            let reg = mesh.conns.register(rec.live(Some(&app), None));
+            let reg = mesh.conns.register(rec.live(None));
             let stats = &reg.entry.stats;
             let outcome = match stream.relay(app, stats).await {
                 Ok(o) => Outcome::Closed {
@@ -150,7 +151,12 @@ pub async fn handle(
 
 /// Copies both ways between two TCP streams with half-close carried through (EOF on one side shuts
 /// down the other's write half), counting as bytes flow: `sent` is `a` → `b`.
-pub async fn splice(mut a: TcpStream, mut b: TcpStream, stats: &CopyStats) -> Outcome {
+pub async fn splice(
+    mut a: TcpStream,
+    mut b: TcpStream,
+    stats: &CopyStats,
+    kill: &KillSwitch,
+) -> Outcome {
     let _ = a.set_nodelay(true);
     let _ = b.set_nodelay(true);
     let (mut ar, mut aw) = a.split();
@@ -158,7 +164,13 @@ pub async fn splice(mut a: TcpStream, mut b: TcpStream, stats: &CopyStats) -> Ou
     let up = pump(&mut ar, &mut bw, |n| stats.add_sent(n));
     let down = pump(&mut br, &mut aw, |n| stats.add_received(n));
     // Either direction failing ends both: the sockets are dropped together when this returns.
-    let result = tokio::try_join!(up, down);
+    let result = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => r,
+        () = kill.killed() => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "closed by a policy change",
+        )),
+    };
     match result {
         Ok(_) => Outcome::Closed {
             sent: stats.sent(),

@@ -40,7 +40,7 @@ import h2.exceptions
 import h2.settings
 
 MIB = 1024 * 1024
-# What ztunnel (and Ferry) advertise; see /work/shared/hbone.md.
+# What ztunnel (and Ferry) advertise.
 CLIENT_SETTINGS = {
     h2.settings.SettingCodes.ENABLE_PUSH: 0,
     h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 4 * MIB,

@@ -1,5 +1,5 @@
 //! HBONE: TCP connections carried as HTTP/2 CONNECT streams between node agents (port 15008), the wire
-//! format of Istio ambient's ztunnel (see `/work/shared/hbone.md`).
+//! format of Istio ambient's ztunnel.
 //!
 //! Everything here is generic over the transport (`AsyncRead + AsyncWrite + Unpin + Send + 'static`): the
 //! agent passes mutual-TLS streams, tests pass loopback TCP or in-memory pipes.

@@ -182,10 +182,12 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                let mut changed = false;
                 match crate::config::read_file(&cfg.workloads) {
                     Ok(text) if text != workloads_text => {
                         match WorkloadSet::parse(&cfg.workloads, &text, &cfg.node) {
                             Ok(set) => {
+                                changed = true;
                                 daemon.workloads = Arc::new(set);
                                 daemon.mesh.set_workloads(daemon.workloads.clone());
                                 daemon.mesh.metrics.config_reload(ConfigKind::Workloads, true);
@@ -203,7 +205,11 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "workloads file unreadable; keeping the last good one"),
                 }
-                daemon.reconcile();
+                // Enrollment work only when the workloads changed or a pod still waits to be
+                // enrolled: an idle node does no per-pod syscalls on every tick.
+                if changed || !daemon.failing.is_empty() {
+                    daemon.reconcile();
+                }
                 if let Some(dir) = &cfg.policies {
                     policy_watch.tick(dir, &cfg.root_namespace, &daemon.mesh, &view);
                 }

@@ -82,16 +82,6 @@ impl CaptureError {
 
 pub use bpf::Capture;
 
-/// The programs capture attaches (cgroup programs once per node, `sk_lookup` once per pod netns).
-pub const PROGRAMS: [&str; 6] = [
-    ferry_common::programs::CONNECT4,
-    ferry_common::programs::CONNECT6,
-    ferry_common::programs::GETPEERNAME4,
-    ferry_common::programs::GETPEERNAME6,
-    ferry_common::programs::SOCKOPS,
-    ferry_common::programs::SK_LOOKUP,
-];
-
 /// The kernel-side form of a socket address, as the capture programs store it.
 pub(crate) fn raw_addr(addr: SocketAddr) -> RawAddr {
     match addr {

@@ -63,10 +63,7 @@ impl AgentView {
             node: self.cfg.node.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
             ready: self.ready.load(Ordering::Relaxed),
-            programs: crate::capture::PROGRAMS
-                .iter()
-                .map(|p| p.to_string())
-                .collect(),
+            programs: self.attached(),
             enrolled_pods: self.mesh.local_count(),
             live_connections: self.mesh.conns.len(),
             soonest_cert_expiry: soonest,
@@ -79,6 +76,26 @@ impl AgentView {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
         }
+    }
+
+    /// The programs whose links are pinned (so attached): the cgroup programs once, `sk_lookup` with
+    /// the number of pod netns it is attached to.
+    fn attached(&self) -> Vec<String> {
+        let links = self.cfg.bpffs_root.join("links");
+        let mut names: Vec<String> = std::fs::read_dir(&links)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let netns = names.iter().filter(|n| n.starts_with("sk_lookup-")).count();
+        names.retain(|n| !n.starts_with("sk_lookup-"));
+        names.sort();
+        if netns > 0 {
+            names.push(format!("{} (x{netns})", ferry_common::programs::SK_LOOKUP));
+        }
+        names
     }
 
     fn workloads(&self) -> Vec<WorkloadRow> {

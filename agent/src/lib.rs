@@ -1,13 +1,15 @@
 //! Ferry node agent: eBPF capture, SPIFFE identities, mutual TLS, HBONE tunnel, L4 policy.
 //!
 //! Module layering (imports only flow downwards in this list):
-//! `identity`, `netns`, `admin` (metrics and admin protocol, no other Ferry imports) → `config` →
-//! `policy`, `tls` → `capture` → `tunnel` → `daemon` → `cli`.
+//! `identity`, `netns`, `admin` (metrics and admin protocol, no other Ferry imports), `handoff`
+//! (passing listeners to a successor agent, no other Ferry imports) → `config` → `policy`, `tls` →
+//! `capture` → `tunnel` → `daemon` → `cli`.
 pub mod admin;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod handoff;
 pub mod identity;
 pub mod netns;
 pub mod policy;

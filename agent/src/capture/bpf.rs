@@ -2,7 +2,10 @@ use std::{
     collections::BTreeMap,
     fs::File,
     net::{IpAddr, SocketAddr},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -20,7 +23,7 @@ use ferry_common::{
     maps, programs,
 };
 
-use super::{CaptureError, raw_addr, socket_addr};
+use super::{CaptureError, link, raw_addr, socket_addr};
 use crate::config::NodeConfig;
 
 #[cfg(feature = "ebpf")]
@@ -171,6 +174,7 @@ impl Capture {
         for name in CGROUP_PROGRAMS {
             let pin = links_dir(&root).join(name);
             if PinnedLink::from_pin(&pin).is_ok() {
+                replace_program(&ebpf, name, &pin)?;
                 continue;
             }
             reopened = false;
@@ -196,6 +200,19 @@ impl Capture {
             };
             link.pin(&pin)
                 .map_err(CaptureError::bpf(format!("pinning {}", pin.display())))?;
+        }
+
+        // Every pod netns a predecessor attached keeps its link; it runs this agent's program now.
+        if let Ok(entries) = std::fs::read_dir(links_dir(&root)) {
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("sk_lookup-")
+                {
+                    replace_program(&ebpf, programs::SK_LOOKUP, &entry.path())?;
+                }
+            }
         }
 
         Ok(Self {
@@ -349,6 +366,33 @@ impl Capture {
         }
         out
     }
+}
+
+/// Points a pinned link left by a predecessor at this agent's freshly loaded program (which shares
+/// the pinned maps): an upgraded object takes over atomically, and the hook is never empty. Done even
+/// when the object is the same: the predecessor's program instance would otherwise outlive it.
+fn replace_program(ebpf: &Ebpf, name: &str, pin: &Path) -> Result<(), CaptureError> {
+    let what = || format!("replacing the program of {}", pin.display());
+    let prog = ebpf
+        .program(name)
+        .ok_or_else(|| CaptureError::Bpf {
+            what: format!("program {name}"),
+            message: "missing from the eBPF object".into(),
+        })?
+        .fd()
+        .map_err(CaptureError::bpf(what()))?;
+    let link_fd = link::open_pinned(pin).map_err(CaptureError::io(what()))?;
+    let before = link::link_ids(link_fd.as_fd()).map_err(CaptureError::io(what()))?;
+    link::update(link_fd.as_fd(), prog.as_fd()).map_err(CaptureError::io(what()))?;
+    let after = link::link_ids(link_fd.as_fd()).map_err(CaptureError::io(what()))?;
+    tracing::info!(
+        program = name,
+        link_id = before.0,
+        from_program_id = before.1,
+        to_program_id = after.1,
+        "program replaced by link update"
+    );
+    Ok(())
 }
 
 /// Removes a delivery announcement when the delivery connection is established (or failed).

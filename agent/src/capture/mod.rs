@@ -7,6 +7,7 @@
 //! enrolled pod's connects are refused (nobody listens where they are steered) and inbound connections
 //! to it are dropped (its `sk_lookup` finds no agent socket): capture fails closed.
 mod bpf;
+mod link;
 mod pod;
 
 pub use bpf::{Counters, DeliveryGuard, uninstall};
@@ -52,6 +53,8 @@ pub enum CaptureError {
         found: (u32, u32),
         ours: (u32, u32),
     },
+    #[error("listeners passed over for the pod of netns {netns}: {message}")]
+    Inherited { netns: PathBuf, message: String },
     #[error("this agent was built without eBPF (the `ebpf` cargo feature is off)")]
     NotBuilt,
     #[error(transparent)]

@@ -57,14 +57,17 @@ fn listen(ns: &Netns, addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 impl Capture {
-    /// Opens the agent's listeners inside the pod's netns, registers them for `sk_lookup`, attaches
-    /// `sk_lookup` to the netns and finally marks the cgroup enrolled, so capture starts only once
-    /// there is somewhere for captured connections to go.
+    /// Opens the agent's listeners inside the pod's netns (or takes `inherited` ones, passed over by a
+    /// predecessor agent), registers them for `sk_lookup`, attaches `sk_lookup` to the netns and
+    /// finally marks the cgroup enrolled, so capture starts only once there is somewhere for captured
+    /// connections to go. Registering an inherited listener again is a no-op for the kernel: the
+    /// sockhash entry already holds that very socket.
     pub fn enroll(
         &self,
         pod: &PodAddrs<'_>,
         ports: &Ports,
         cgroup_root: &std::path::Path,
+        inherited: Option<PodListeners>,
     ) -> Result<(EnrolledPod, PodListeners), CaptureError> {
         if !pod.cgroup.starts_with(cgroup_root) || pod.cgroup == cgroup_root {
             return Err(CaptureError::NotCgroup2 {
@@ -76,49 +79,16 @@ impl Capture {
         let netns = Netns::open(&pod.netns)?;
         let what = |s: &str| format!("{s} in netns {}", pod.netns.display());
 
-        let mut listeners = PodListeners {
-            outbound: Vec::new(),
-            inbound: Vec::new(),
-            hbone: Vec::new(),
-        };
-        let v4 = [
-            SocketAddr::from((Ipv4Addr::LOCALHOST, ports.outbound)),
-            SocketAddr::from((Ipv4Addr::LOCALHOST, ports.inbound)),
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports.hbone)),
-        ];
-        let v6 = [
-            SocketAddr::from((Ipv6Addr::LOCALHOST, ports.outbound)),
-            SocketAddr::from((Ipv6Addr::LOCALHOST, ports.inbound)),
-            SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports.hbone)),
-        ];
-        for (i, addr) in v4.into_iter().enumerate() {
-            let l = listen(&netns, addr)
-                .map_err(CaptureError::io(what(&format!("listening on {addr}"))))?;
-            [
-                &mut listeners.outbound,
-                &mut listeners.inbound,
-                &mut listeners.hbone,
-            ][i]
-                .push(l);
-        }
-        for (i, addr) in v6.into_iter().enumerate() {
-            match listen(&netns, addr) {
-                Ok(l) => [
-                    &mut listeners.outbound,
-                    &mut listeners.inbound,
-                    &mut listeners.hbone,
-                ][i]
-                    .push(l),
-                // IPv6 disabled in this pod: it has no IPv6 traffic to capture.
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
-                        || e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
-                {
-                    break;
-                }
-                Err(e) => return Err(CaptureError::io(what(&format!("listening on {addr}")))(e)),
+        let listeners = match inherited {
+            Some(l) => {
+                check_inherited(&netns, &l, ports).map_err(|message| CaptureError::Inherited {
+                    netns: pod.netns.clone(),
+                    message,
+                })?;
+                l
             }
-        }
+            None => open_listeners(&netns, ports, &what)?,
+        };
         let cookie = netns_cookie(&listeners.outbound[0])
             .map_err(CaptureError::io(what("reading the netns cookie")))?;
 
@@ -187,4 +157,96 @@ impl Capture {
         }
         removed
     }
+}
+
+/// The agent's own listeners in a pod netns: outbound and inbound on loopback, HBONE on every address;
+/// IPv6 ones unless the pod has IPv6 disabled.
+fn open_listeners(
+    netns: &Netns,
+    ports: &Ports,
+    what: &dyn Fn(&str) -> String,
+) -> Result<PodListeners, CaptureError> {
+    let mut listeners = PodListeners {
+        outbound: Vec::new(),
+        inbound: Vec::new(),
+        hbone: Vec::new(),
+    };
+    let v4 = [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, ports.outbound)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, ports.inbound)),
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports.hbone)),
+    ];
+    let v6 = [
+        SocketAddr::from((Ipv6Addr::LOCALHOST, ports.outbound)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, ports.inbound)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports.hbone)),
+    ];
+    for (i, addr) in v4.into_iter().enumerate() {
+        let l =
+            listen(netns, addr).map_err(CaptureError::io(what(&format!("listening on {addr}"))))?;
+        [
+            &mut listeners.outbound,
+            &mut listeners.inbound,
+            &mut listeners.hbone,
+        ][i]
+            .push(l);
+    }
+    for (i, addr) in v6.into_iter().enumerate() {
+        match listen(netns, addr) {
+            Ok(l) => [
+                &mut listeners.outbound,
+                &mut listeners.inbound,
+                &mut listeners.hbone,
+            ][i]
+                .push(l),
+            // IPv6 disabled in this pod: it has no IPv6 traffic to capture.
+            Err(e)
+                if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+                    || e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+            {
+                break;
+            }
+            Err(e) => return Err(CaptureError::io(what(&format!("listening on {addr}")))(e)),
+        }
+    }
+    Ok(listeners)
+}
+
+/// Listeners from a predecessor must live in this pod's netns and listen on this config's ports:
+/// a changed config or a recreated pod gets fresh ones instead.
+fn check_inherited(netns: &Netns, l: &PodListeners, ports: &Ports) -> Result<(), String> {
+    let probe = netns
+        .tcp_socket(false)
+        .map_err(|e| format!("probing the netns: {e}"))?;
+    let ours = netns_cookie(&probe).map_err(|e| format!("reading the netns cookie: {e}"))?;
+    let Some(first) = l.outbound.first() else {
+        return Err("no outbound listener".into());
+    };
+    let theirs = netns_cookie(first).map_err(|e| format!("reading the netns cookie: {e}"))?;
+    if ours != theirs {
+        return Err(format!(
+            "listeners are in netns {theirs}, the pod's netns is {ours}"
+        ));
+    }
+    for (socks, port, kind) in [
+        (&l.outbound, ports.outbound, "outbound"),
+        (&l.inbound, ports.inbound, "inbound"),
+        (&l.hbone, ports.hbone, "hbone"),
+    ] {
+        if socks.is_empty() {
+            return Err(format!("no {kind} listener"));
+        }
+        for s in socks {
+            match s.local_addr() {
+                Ok(a) if a.port() == port => {}
+                Ok(a) => {
+                    return Err(format!(
+                        "{kind} listener on {a}, the config says port {port}"
+                    ));
+                }
+                Err(e) => return Err(format!("{kind} listener: {e}")),
+            }
+        }
+    }
+    Ok(())
 }

@@ -130,6 +130,9 @@ impl Default for AdminConfig {
 struct RawNodeConfig {
     #[serde(default)]
     admin: AdminConfig,
+    /// Where a running agent offers its pod listeners to its successor (see `handoff`).
+    #[serde(default = "default_handoff_socket")]
+    handoff_socket: PathBuf,
     /// How long in-flight connections may finish after SIGTERM.
     #[serde(default = "default_drain", deserialize_with = "duration")]
     drain_deadline: std::time::Duration,
@@ -155,6 +158,10 @@ struct RawNodeConfig {
     capture: CaptureConfig,
 }
 
+fn default_handoff_socket() -> PathBuf {
+    PathBuf::from("/run/ferry/handoff.sock")
+}
+
 fn default_bpffs_root() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/ferry")
 }
@@ -169,6 +176,8 @@ pub struct NodeConfig {
     pub path: PathBuf,
     pub node: String,
     pub admin: AdminConfig,
+    /// Unix socket through which a new agent takes the listeners over from a running one.
+    pub handoff_socket: PathBuf,
     pub drain_deadline: std::time::Duration,
     pub policies: Option<PathBuf>,
     pub root_namespace: String,
@@ -243,6 +252,7 @@ impl NodeConfig {
                 socket: abs(raw.admin.socket),
                 ..raw.admin
             },
+            handoff_socket: abs(raw.handoff_socket),
             drain_deadline: raw.drain_deadline,
             policies: raw.policies.map(&abs),
             root_namespace: raw.root_namespace,

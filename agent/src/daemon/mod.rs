@@ -21,6 +21,7 @@ use crate::{
     admin::{self, Metrics, metrics::ConfigKind},
     capture::{Capture, EnrolledPod, PodAddrs, PodListeners},
     config::{LocalPod, NodeConfig, WorkloadSet},
+    handoff::{self, ListenerKind, OfferedPod},
     identity::{CertStore, Identity, Minter},
     netns::route,
     policy::{self, PolicySet},
@@ -45,6 +46,8 @@ pub enum DaemonError {
         what: String,
         source: std::io::Error,
     },
+    #[error("taking over from the running agent: {0}")]
+    Handoff(#[from] crate::handoff::HandoffError),
     #[error("policies: {0}")]
     Policy(#[from] crate::policy::PolicyError),
     #[error("certificates: {0}")]
@@ -74,6 +77,10 @@ struct RunningPod {
     spec: PodSpec,
     enrolled: EnrolledPod,
     tasks: Vec<JoinHandle<()>>,
+    /// The accept loops' listeners, kept to offer them to a successor agent.
+    listeners: Vec<(ListenerKind, Arc<TcpListener>)>,
+    /// Whether the listeners came from a predecessor.
+    inherited: bool,
 }
 
 struct Daemon {
@@ -86,6 +93,8 @@ struct Daemon {
     workloads: Arc<WorkloadSet>,
     /// One clone per live connection: its count tells when draining is done.
     inflight: Arc<()>,
+    /// Listeners a predecessor passed over, taken pod by pod as the first reconcile enrolls them.
+    incoming: Option<handoff::Incoming>,
 }
 
 /// Runs the agent with a loaded config (the CLI applies overrides such as `--node-name` first).
@@ -163,6 +172,14 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
     if startup.view.set(view.clone()).is_err() {
         tracing::warn!("admin view set twice");
     }
+    // A running predecessor passes its listeners over; nobody answering means a fresh start.
+    let handoff_path = cfg.handoff_socket.clone();
+    let incoming = tokio::task::spawn_blocking(move || handoff::take_over(&handoff_path))
+        .await
+        .map_err(|e| handoff::HandoffError::Protocol(format!("handoff task: {e}")))??;
+    if let Some(i) = &incoming {
+        tracing::info!(pods = i.len(), socket = %cfg.handoff_socket.display(), "listeners received from the running agent");
+    }
     let mut daemon = Daemon {
         cfg: cfg.clone(),
         capture,
@@ -171,16 +188,51 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
         failing: HashMap::new(),
         workloads: Arc::new(workloads),
         inflight: Arc::new(()),
+        incoming,
     };
     daemon.reconcile();
+    if let Some(incoming) = daemon.incoming.take() {
+        // Listeners of pods this agent did not take are closed with `incoming`.
+        let taken = daemon.pods.values().filter(|p| p.inherited).count();
+        let confirm = tokio::task::spawn_blocking(move || incoming.finish(taken)).await;
+        match confirm {
+            Ok(Ok(())) => tracing::info!(pods = taken, "took over from the running agent"),
+            // The predecessor is gone or gave up: the listeners are ours alone now either way.
+            Ok(Err(e)) => tracing::warn!(error = %e, "confirming the handoff"),
+            Err(e) => tracing::warn!(error = %e, "confirming the handoff"),
+        }
+    }
+    // Ready only now: a successor that is ready has every pod's listeners.
+    let handoff_server = handoff::Server::bind(&cfg.handoff_socket)?;
     view.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(pods = daemon.pods.len(), admin = %cfg.admin.socket.display(), http = %cfg.admin.http, "ready");
+    tracing::info!(pods = daemon.pods.len(), admin = %cfg.admin.socket.display(), http = %cfg.admin.http, handoff = %cfg.handoff_socket.display(), "ready");
 
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+    let mut handed_over = false;
     loop {
         tokio::select! {
+            conn = handoff_server.accept() => {
+                let conn = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handoff socket");
+                        continue;
+                    }
+                };
+                let offer = daemon.offer();
+                tracing::info!(pods = offer.len(), "a new agent asks for the listeners");
+                match tokio::task::spawn_blocking(move || handoff::give(conn, offer)).await {
+                    Ok(Ok(pods)) => {
+                        tracing::info!(pods, "handed over to the new agent; no longer accepting");
+                        handed_over = true;
+                        break;
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "handoff failed; still serving"),
+                    Err(e) => tracing::warn!(error = %e, "handoff failed; still serving"),
+                }
+            }
             _ = tick.tick() => {
                 let mut changed = false;
                 match crate::config::read_file(&cfg.workloads) {
@@ -220,7 +272,30 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
     }
     view.ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
-    daemon.shutdown().await;
+    handoff_server.close();
+    if handed_over {
+        // Drain as on SIGTERM, then stay until told to stop: under a DaemonSet, exiting would make
+        // the kubelet restart this (older) agent, which would then take the listeners back.
+        let mut stop_requested = false;
+        let drain = daemon.shutdown();
+        tokio::pin!(drain);
+        loop {
+            tokio::select! {
+                _ = &mut drain => break,
+                _ = term.recv() => stop_requested = true,
+                _ = int.recv() => stop_requested = true,
+            }
+        }
+        if !stop_requested {
+            tracing::info!("drained after the handoff; waiting for SIGTERM");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+    } else {
+        daemon.shutdown().await;
+    }
     let _ = http_stop.send(());
     if socket_id.is_some() && socket_file_id(&cfg.admin.socket) == socket_id {
         let _ = std::fs::remove_file(&cfg.admin.socket);
@@ -268,7 +343,25 @@ impl Daemon {
             if self.pods.contains_key(key) {
                 continue;
             }
-            match self.start_pod(key, spec) {
+            let inherited = self
+                .incoming
+                .as_mut()
+                .and_then(|i| i.take(key))
+                .map(inherited_listeners);
+            let from_predecessor = inherited.is_some();
+            let started = match self.start_pod(key, spec, inherited) {
+                // Sockets that do not fit this pod (its netns or the ports changed) are closed;
+                // fresh ones are opened.
+                Err(DaemonError::Capture(e @ crate::capture::CaptureError::Inherited { .. })) => {
+                    tracing::warn!(pod = %key, error = %e, "not using the listeners passed over");
+                    self.start_pod(key, spec, None)
+                }
+                other => other.map(|mut p| {
+                    p.inherited = from_predecessor;
+                    p
+                }),
+            };
+            match started {
                 Ok(pod) => {
                     self.failing.remove(key);
                     tracing::info!(
@@ -302,7 +395,12 @@ impl Daemon {
         }
     }
 
-    fn start_pod(&self, key: &str, spec: &PodSpec) -> Result<RunningPod, DaemonError> {
+    fn start_pod(
+        &self,
+        key: &str,
+        spec: &PodSpec,
+        inherited: Option<PodListeners>,
+    ) -> Result<RunningPod, DaemonError> {
         let identity = match &self.cfg.trust_domain {
             Some(td) => Some(
                 Identity::new(td.clone(), &spec.namespace, &spec.service_account).map_err(
@@ -331,7 +429,7 @@ impl Daemon {
         };
         let (enrolled, listeners) =
             self.capture
-                .enroll(&addrs, &self.cfg.ports, &self.cfg.cgroup_root)?;
+                .enroll(&addrs, &self.cfg.ports, &self.cfg.cgroup_root, inherited)?;
         let transparent = match route::prepare_transparent(
             &enrolled.netns,
             route::DEFAULT_MARK,
@@ -357,6 +455,32 @@ impl Daemon {
             hbone,
         } = listeners;
         let mut tasks = Vec::new();
+        let mut kept = Vec::new();
+        let mut register = |kind: ListenerKind, l: std::net::TcpListener| {
+            // Inherited listeners may come blocking; tokio needs them non-blocking.
+            let l = l
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(l))
+                .map(Arc::new)
+                .map_err(|e| DaemonError::Admin {
+                    what: format!("registering a listener of pod {key}"),
+                    source: e,
+                })?;
+            kept.push((kind, l.clone()));
+            Ok::<_, DaemonError>(l)
+        };
+        let outbound = outbound
+            .into_iter()
+            .map(|l| register(ListenerKind::Outbound, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let inbound = inbound
+            .into_iter()
+            .map(|l| register(ListenerKind::Inbound, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let hbone = hbone
+            .into_iter()
+            .map(|l| register(ListenerKind::Hbone, l))
+            .collect::<Result<Vec<_>, _>>()?;
         for l in outbound {
             let (ctx, mesh, inflight) = (ctx.clone(), self.mesh.clone(), self.inflight.clone());
             let cookie = enrolled.netns_cookie;
@@ -394,6 +518,8 @@ impl Daemon {
             spec: spec.clone(),
             enrolled,
             tasks,
+            listeners: kept,
+            inherited: false,
         })
     }
 
@@ -408,14 +534,45 @@ impl Daemon {
         tracing::info!(pod = %key, "pod un-enrolled");
     }
 
-    /// Stops accepting (capture stays attached, so new connections fail closed), lets in-flight
-    /// connections finish until the deadline, then returns; pinned state stays for the next agent.
-    async fn shutdown(self) {
+    /// Every enrolled pod's listeners, duplicated for a successor agent (the originals keep accepting
+    /// until it confirms).
+    fn offer(&self) -> Vec<OfferedPod> {
+        let mut offer = Vec::new();
+        for (key, pod) in &self.pods {
+            let dup: Result<Vec<_>, _> = pod
+                .listeners
+                .iter()
+                .map(|(kind, l)| {
+                    use std::os::fd::AsFd;
+                    l.as_fd().try_clone_to_owned().map(|fd| (*kind, fd))
+                })
+                .collect();
+            match dup {
+                Ok(listeners) => offer.push(OfferedPod {
+                    key: key.clone(),
+                    netns_cookie: pod.enrolled.netns_cookie,
+                    listeners,
+                }),
+                // The successor opens this pod's listeners itself once ours are closed.
+                Err(e) => {
+                    tracing::warn!(pod = %key, error = %e, "cannot offer this pod's listeners")
+                }
+            }
+        }
+        offer
+    }
+
+    /// Stops accepting (capture stays attached, so new connections fail closed — or, after a handoff,
+    /// go to the successor, which holds the same sockets), lets in-flight connections finish until
+    /// the deadline, then returns; pinned state stays for the next agent.
+    async fn shutdown(mut self) {
         for pod in self.pods.values() {
             for t in &pod.tasks {
                 t.abort();
             }
         }
+        // Closes this process's descriptors of the listeners; the sockets live on in a successor.
+        self.pods.clear();
         let deadline = tokio::time::Instant::now() + self.cfg.drain_deadline;
         while Arc::strong_count(&self.inflight) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -427,19 +584,12 @@ impl Daemon {
     }
 }
 
-fn spawn_accept<F, Fut>(listener: std::net::TcpListener, pod: String, handler: F) -> JoinHandle<()>
+fn spawn_accept<F, Fut>(listener: Arc<TcpListener>, pod: String, handler: F) -> JoinHandle<()>
 where
     F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     tokio::spawn(async move {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(pod = %pod, error = %e, "cannot register listener");
-                return;
-            }
-        };
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
@@ -453,6 +603,23 @@ where
             }
         }
     })
+}
+
+/// A predecessor's listeners sorted by kind, as enrolling takes them.
+fn inherited_listeners(pod: handoff::PodSockets) -> PodListeners {
+    let mut l = PodListeners {
+        outbound: Vec::new(),
+        inbound: Vec::new(),
+        hbone: Vec::new(),
+    };
+    for (kind, sock) in pod.listeners {
+        match kind {
+            ListenerKind::Outbound => l.outbound.push(sock),
+            ListenerKind::Inbound => l.inbound.push(sock),
+            ListenerKind::Hbone => l.hbone.push(sock),
+        }
+    }
+    l
 }
 
 /// The HTTP endpoints' view before the agent is fully up.

@@ -597,7 +597,7 @@ impl World {
 
     pub fn write_config(&self, node: &Node, opts: &NodeOptions) -> Result<()> {
         let text = format!(
-            "node: {}\npolicies: policies\nadmin: {{socket: admin.sock}}\ndrain_deadline: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
+            "node: {}\npolicies: policies\nadmin: {{socket: admin.sock}}\nhandoff_socket: handoff.sock\ndrain_deadline: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
             node.name,
             opts.drain_deadline.unwrap_or("5s"),
             opts.workload_ttl.unwrap_or("24h"),
@@ -639,11 +639,24 @@ impl World {
 
     /// Starts the node's agent and waits until it reports ready.
     pub fn start_agent(&self, node: &Node) -> Result<Agent> {
+        self.start_agent_with(node, &node.config_path())
+    }
+
+    /// Starts an agent of `node` with another config file (e.g. a second agent beside a running one)
+    /// and waits until it reports ready.
+    pub fn start_agent_with(&self, node: &Node, config: &Path) -> Result<Agent> {
+        let agent = self.spawn_agent(node, config)?;
+        agent.wait_for(|l| l.msg() == "ready", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts an agent of `node` without waiting for it.
+    pub fn spawn_agent(&self, node: &Node, config: &Path) -> Result<Agent> {
         let log_path = unique(node.dir.join("agent.log"));
         let log = File::create(&log_path)?;
         let mut cmd = node.command(ferry_bin());
         cmd.args(["--log-format", "json", "run", "--config"])
-            .arg(node.config_path())
+            .arg(config)
             .env("FERRY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -651,13 +664,11 @@ impl World {
         let child = cmd.spawn().context("starting the agent")?;
         let pid = child.id();
         self.track(child);
-        let agent = Agent {
+        Ok(Agent {
             pid,
             log_path,
             node: node.name.clone(),
-        };
-        agent.wait_for(|l| l.msg() == "ready", Duration::from_secs(20))?;
-        Ok(agent)
+        })
     }
 
     /// Starts a long-running process and keeps it for cleanup; its stdout goes to a file.
@@ -804,6 +815,21 @@ impl Agent {
         }
     }
 
+    /// Whether the agent process has exited (a zombie counts as exited).
+    pub fn exited(&self) -> bool {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        status.is_empty() || status.contains("State:\tZ")
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the agent to exit; whether it did.
+    pub fn terminate(&self, timeout: Duration) -> bool {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::SIGTERM,
+        );
+        eventually(timeout, || self.exited())
+    }
+
     pub fn kill9(&self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid as i32),
@@ -904,6 +930,11 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<String> {
 /// The test world's app binary.
 pub fn testapp() -> PathBuf {
     workspace_bin("FERRY_TESTAPP", "ferry-testapp")
+}
+
+/// The steady-load client (`ferry-load`: long-lived transfers and a stream of new connections).
+pub fn load_bin() -> PathBuf {
+    workspace_bin("FERRY_LOAD", "ferry-load")
 }
 
 /// The result of one `ferry-testapp dial`.

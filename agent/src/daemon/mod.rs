@@ -174,7 +174,12 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
     }
     // A running predecessor passes its listeners over; nobody answering means a fresh start.
     let handoff_path = cfg.handoff_socket.clone();
-    let incoming = tokio::task::spawn_blocking(move || handoff::take_over(&handoff_path))
+    let this_node = handoff::Node {
+        name: cfg.node.clone(),
+        bpffs_root: cfg.bpffs_root.clone(),
+    };
+    let node = this_node.clone();
+    let incoming = tokio::task::spawn_blocking(move || handoff::take_over(&handoff_path, &node))
         .await
         .map_err(|e| handoff::HandoffError::Protocol(format!("handoff task: {e}")))??;
     if let Some(i) = &incoming {
@@ -223,7 +228,8 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
                 };
                 let offer = daemon.offer();
                 tracing::info!(pods = offer.len(), "a new agent asks for the listeners");
-                match tokio::task::spawn_blocking(move || handoff::give(conn, offer)).await {
+                let node = this_node.clone();
+                match tokio::task::spawn_blocking(move || handoff::give(conn, &node, offer)).await {
                     Ok(Ok(pods)) => {
                         tracing::info!(pods, "handed over to the new agent; no longer accepting");
                         handed_over = true;
@@ -573,6 +579,7 @@ impl Daemon {
         }
         // Closes this process's descriptors of the listeners; the sockets live on in a successor.
         self.pods.clear();
+        self.mesh.start_draining();
         let deadline = tokio::time::Instant::now() + self.cfg.drain_deadline;
         while Arc::strong_count(&self.inflight) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -35,6 +35,15 @@ pub use wire::{Conn, PROTOCOL_VERSION};
 /// How long either side waits for the other's next message.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whose listeners: a successor of another node (two agents misconfigured with one handoff path) is
+/// refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub bpffs_root: PathBuf,
+}
+
 /// Which of a pod's listeners a descriptor is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,13 +124,14 @@ impl Incoming {
 }
 
 /// Asks a running predecessor for its listeners (blocking). `Ok(None)`: no predecessor answers.
-pub fn take_over(path: &Path) -> Result<Option<Incoming>, HandoffError> {
+pub fn take_over(path: &Path, node: &Node) -> Result<Option<Incoming>, HandoffError> {
     let Some(conn) = Conn::connect(path, TIMEOUT)? else {
         return Ok(None);
     };
     conn.send(
         &Message::Hello {
             version: PROTOCOL_VERSION,
+            node: node.clone(),
         },
         &[],
     )?;
@@ -195,12 +205,21 @@ pub struct OfferedPod {
 
 /// The predecessor's side of one conversation (blocking): sends every pod and waits for `Taken`.
 /// `Ok(n)`: the successor took over `n` pods; the caller stops accepting.
-pub fn give(conn: Conn, pods: Vec<OfferedPod>) -> Result<usize, HandoffError> {
+pub fn give(conn: Conn, ours: &Node, pods: Vec<OfferedPod>) -> Result<usize, HandoffError> {
     match conn.recv()? {
-        (Message::Hello { version }, _) if version == PROTOCOL_VERSION => {}
-        (Message::Hello { version }, _) => {
-            let reason =
-                format!("handoff protocol version {version}, this agent speaks {PROTOCOL_VERSION}");
+        (Message::Hello { version, node }, _) if version == PROTOCOL_VERSION && node == *ours => {}
+        (Message::Hello { version, node }, _) => {
+            let reason = if version != PROTOCOL_VERSION {
+                format!("handoff protocol version {version}, this agent speaks {PROTOCOL_VERSION}")
+            } else {
+                format!(
+                    "the new agent is for node {} (bpffs {}), this one for node {} (bpffs {})",
+                    node.name,
+                    node.bpffs_root.display(),
+                    ours.name,
+                    ours.bpffs_root.display()
+                )
+            };
             let _ = conn.send(
                 &Message::Refused {
                     reason: reason.clone(),
@@ -317,6 +336,13 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
 
+    fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            bpffs_root: "/sys/fs/bpf/ferry".into(),
+        }
+    }
+
     fn listener() -> TcpListener {
         TcpListener::bind("127.0.0.1:0").expect("binding on loopback")
     }
@@ -347,7 +373,7 @@ mod tests {
         ];
         let succ_path = path.clone();
         let successor = std::thread::spawn(move || {
-            let mut incoming = take_over(&succ_path)
+            let mut incoming = take_over(&succ_path, &node("n1"))
                 .expect("handoff")
                 .expect("a predecessor answers");
             assert_eq!(incoming.len(), 2);
@@ -357,7 +383,7 @@ mod tests {
             (a, b)
         });
         let conn = server.accept().await.expect("accepting");
-        let taken = tokio::task::spawn_blocking(move || give(conn, offer))
+        let taken = tokio::task::spawn_blocking(move || give(conn, &node("n1"), offer))
             .await
             .expect("joined")
             .expect("giving");
@@ -378,11 +404,11 @@ mod tests {
     fn no_predecessor_when_nobody_answers() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("handoff.sock");
-        assert!(take_over(&path).expect("no file").is_none());
+        assert!(take_over(&path, &node("n1")).expect("no file").is_none());
         // A file left by a killed agent: bound once, nobody listening any more.
         drop(wire::listen(&path).expect("binding"));
         assert!(path.exists());
-        assert!(take_over(&path).expect("stale file").is_none());
+        assert!(take_over(&path, &node("n1")).expect("stale file").is_none());
     }
 
     #[tokio::test]
@@ -393,11 +419,18 @@ mod tests {
         let p = path.clone();
         let successor = std::thread::spawn(move || {
             let conn = Conn::connect(&p, TIMEOUT).unwrap().unwrap();
-            conn.send(&Message::Hello { version: 99 }, &[]).unwrap();
+            conn.send(
+                &Message::Hello {
+                    version: 99,
+                    node: node("n1"),
+                },
+                &[],
+            )
+            .unwrap();
             conn.recv().map(|(m, _)| m)
         });
         let conn = server.accept().await.unwrap();
-        let err = tokio::task::spawn_blocking(move || give(conn, Vec::new()))
+        let err = tokio::task::spawn_blocking(move || give(conn, &node("n1"), Vec::new()))
             .await
             .unwrap()
             .unwrap_err();
@@ -406,6 +439,30 @@ mod tests {
             successor.join().unwrap(),
             Ok(Message::Refused { reason }) if reason.contains("version 99")
         ));
+    }
+
+    #[tokio::test]
+    async fn a_successor_of_another_node_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("handoff.sock");
+        let server = Server::bind(&path).expect("binding");
+        let offer = vec![OfferedPod {
+            key: "shop/a".into(),
+            netns_cookie: 1,
+            listeners: vec![(ListenerKind::Outbound, OwnedFd::from(listener()))],
+        }];
+        let p = path.clone();
+        let successor = std::thread::spawn(move || take_over(&p, &node("n2")).map(|i| i.is_some()));
+        let conn = server.accept().await.unwrap();
+        let given = tokio::task::spawn_blocking(move || give(conn, &node("n1"), offer))
+            .await
+            .unwrap();
+        assert!(given.is_err());
+        let err = successor.join().unwrap().unwrap_err();
+        assert!(
+            err.to_string().contains("node n2") && err.to_string().contains("node n1"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -420,9 +477,10 @@ mod tests {
             listeners: vec![(ListenerKind::Inbound, OwnedFd::from(not_listening))],
         }];
         let p = path.clone();
-        let successor = std::thread::spawn(move || take_over(&p).map(|i| i.map(|i| i.len())));
+        let successor =
+            std::thread::spawn(move || take_over(&p, &node("n1")).map(|i| i.map(|i| i.len())));
         let conn = server.accept().await.unwrap();
-        let giver = tokio::task::spawn_blocking(move || give(conn, offer));
+        let giver = tokio::task::spawn_blocking(move || give(conn, &node("n1"), offer));
         let err = successor.join().unwrap().unwrap_err();
         assert!(
             err.to_string().contains("not a listening TCP socket"),

@@ -16,7 +16,7 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{HandoffError, ListenerKind};
+use super::{HandoffError, ListenerKind, Node};
 
 /// Bumped when the conversation changes incompatibly; both sides must speak the same one.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -30,8 +30,8 @@ const MAX_FDS: usize = 16;
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Message {
-    /// Successor → predecessor: asks for the listeners.
-    Hello { version: u32 },
+    /// Successor → predecessor: asks for the listeners of its node.
+    Hello { version: u32, node: Node },
     /// Predecessor → successor: one pod's listeners; the descriptors ride on this packet, in the
     /// order of `listeners`.
     Pod {

@@ -169,6 +169,18 @@ impl<H: ConnectHandler> HboneServer<H> {
         io: T,
         expected_local_ip: Option<IpAddr>,
     ) -> Result<(), TunnelError> {
+        self.serve_connection_until(io, expected_local_ip, std::future::pending())
+            .await
+    }
+
+    /// [`Self::serve_connection`], and once `drain` resolves: GOAWAY, so the peer opens new streams on
+    /// another connection while the streams open here run to their end.
+    pub async fn serve_connection_until<T: AsyncIo>(
+        &self,
+        io: T,
+        expected_local_ip: Option<IpAddr>,
+        drain: impl std::future::Future<Output = ()>,
+    ) -> Result<(), TunnelError> {
         let config = &self.config;
         let s = &config.h2;
         let handshake = h2::server::Builder::new()
@@ -191,6 +203,8 @@ impl<H: ConnectHandler> HboneServer<H> {
             }
         };
         tokio::pin!(keepalive_fut);
+        tokio::pin!(drain);
+        let mut goaway_sent = false;
         // Relays live in this set so that they end with the connection (dropping the set aborts them).
         let mut relays = JoinSet::new();
         loop {
@@ -208,6 +222,10 @@ impl<H: ConnectHandler> HboneServer<H> {
                     }
                 },
                 Some(_) = relays.join_next(), if !relays.is_empty() => {}
+                () = &mut drain, if !goaway_sent => {
+                    goaway_sent = true;
+                    connection.graceful_shutdown();
+                }
                 timeout = &mut keepalive_fut => {
                     return Err(TunnelError::KeepaliveTimeout(timeout));
                 }

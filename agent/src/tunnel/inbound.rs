@@ -199,7 +199,7 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
         }
     });
     if let Err(e) = HboneServer::new(handler, ServerConfig::default())
-        .serve_connection(tls, Some(local.ip()))
+        .serve_connection_until(tls, Some(local.ip()), mesh.drained())
         .await
     {
         tracing::debug!(target: "ferry::hbone", pod = %pod.name, %peer, error = %e, "HBONE connection ended");

@@ -86,6 +86,9 @@ pub struct Mesh {
     policies: RwLock<PolicySet>,
     workloads: RwLock<Arc<WorkloadSet>>,
     local: RwLock<HashMap<IpAddr, Arc<PodCtx>>>,
+    /// Set once the agent stops taking new connections: inbound HBONE connections say GOAWAY, so
+    /// peers put new streams on new connections (to a successor agent) while these streams finish.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Mesh {
@@ -109,6 +112,21 @@ impl Mesh {
             policies: RwLock::new(PolicySet::default()),
             workloads: RwLock::new(Arc::new(WorkloadSet::default())),
             local: RwLock::new(HashMap::new()),
+            draining: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Tells every inbound HBONE connection to take no new streams.
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Resolves once the agent drains.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.draining.subscribe();
+        async move {
+            // An error means the mesh is gone, and with it the agent.
+            let _ = rx.wait_for(|d| *d).await;
         }
     }
 

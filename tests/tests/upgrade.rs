@@ -1,0 +1,287 @@
+//! Replacing a node's agent without dropping anything, and recovering from a killed one: real agents
+//! in the test world, a successor started beside the running agent as a DaemonSet surge starts it.
+//! Needs root.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use ferry_e2e::{
+    Agent, LogLine, Node, NodeOptions, Pod, Proc, Sniffer, World, contains, dial, load_bin, testapp,
+};
+
+const APP_PORT: u16 = 8080;
+/// Long-lived transfers kept running through each replacement.
+const LONG_LIVED: usize = 50;
+
+struct TwoNodes {
+    world: World,
+    n1: Node,
+    n2: Node,
+    client: Pod,
+    server: Pod,
+    a1: Agent,
+    a2: Agent,
+}
+
+fn two_nodes() -> Result<TwoNodes> {
+    let mut world = World::new()?;
+    let n1 = world.add_node("n1", 1, true)?;
+    let n2 = world.add_node("n2", 2, true)?;
+    // Long enough that the transfers a replaced agent keeps serving end before it cuts them.
+    let opts = NodeOptions {
+        drain_deadline: Some("60s"),
+        ..Default::default()
+    };
+    world.write_config(&n1, &opts)?;
+    world.write_config(&n2, &opts)?;
+    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
+    let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
+    for n in [&n1, &n2] {
+        world.write_workloads(n, &[&client, &server])?;
+    }
+    let a1 = world.start_agent(&n1)?;
+    let a2 = world.start_agent(&n2)?;
+    for a in [&a1, &a2] {
+        a.wait_for(|l| l.msg() == "pod enrolled", Duration::from_secs(5))?;
+    }
+    Ok(TwoNodes {
+        world,
+        n1,
+        n2,
+        client,
+        server,
+        a1,
+        a2,
+    })
+}
+
+/// The node's config for a second agent beside the running one: the same except the admin HTTP
+/// port, which both would otherwise bind in the node's netns (on Kubernetes each pod has its own IP).
+fn successor_config(node: &Node) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(node.config_path())?;
+    let next = text.replace(
+        "admin: {socket: admin.sock}",
+        "admin: {socket: admin.sock, http: 127.0.0.1:15021}",
+    );
+    if next == text {
+        bail!("the test world's config no longer has the admin line this test rewrites");
+    }
+    let path = node.dir.join("node-next.yaml");
+    std::fs::write(&path, next)?;
+    Ok(path)
+}
+
+/// Starts a successor beside `old` and checks the handoff happened on both sides.
+fn replace(world: &World, node: &Node, old: &Agent, pods: usize) -> Result<Agent> {
+    let new = world.start_agent_with(node, &successor_config(node)?)?;
+    let took = new.wait_for(
+        |l| l.msg() == "took over from the running agent",
+        Duration::from_secs(5),
+    )?;
+    assert_eq!(took.field("pods"), Some(pods.to_string()), "{}", took.0);
+    old.wait_for(
+        |l| l.msg() == "handed over to the new agent; no longer accepting",
+        Duration::from_secs(5),
+    )?;
+    Ok(new)
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LoadReport {
+    long_ok: u64,
+    long_broken: u64,
+    long_bytes: u64,
+    new_ok: u64,
+    new_failed: u64,
+    seconds: f64,
+    errors: Vec<String>,
+}
+
+struct Load {
+    proc: Proc,
+    stop_file: PathBuf,
+}
+
+fn start_load(t: &TwoNodes) -> Result<Load> {
+    let stop_file = t.world.dir.join("load.stop");
+    let mut cmd = t.client.command(load_bin());
+    cmd.args([
+        "--to",
+        &SocketAddr::new(IpAddr::V4(t.server.ip4), APP_PORT).to_string(),
+        "--long",
+        &LONG_LIVED.to_string(),
+        "--churn-ms",
+        "10",
+        "--max-seconds",
+        "60",
+        "--stop-file",
+    ])
+    .arg(&stop_file);
+    let proc = t.world.spawn(cmd, "load")?;
+    proc.wait_for_output("started", Duration::from_secs(15))?;
+    Ok(Load { proc, stop_file })
+}
+
+impl Load {
+    fn finish(self) -> Result<LoadReport> {
+        std::fs::write(&self.stop_file, "")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.proc.output();
+            if let Some(line) = out.lines().find(|l| l.starts_with('{')) {
+                return serde_json::from_str(line).with_context(|| format!("parsing {line:?}"));
+            }
+            if Instant::now() > deadline {
+                bail!("the load did not report: {out}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn routed(lines: &[LogLine], route: &str) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.is_access() && l.field("route").as_deref() == Some(route))
+        .count()
+}
+
+/// Replaces the client's node agent and then the server's while 50 long-lived transfers run and new
+/// connections open every 10 ms: nothing fails, every byte comes back intact, the old agents finish
+/// the transfers they carry and the new ones carry every connection opened after them.
+#[test]
+fn upgrade_under_load_drops_nothing() -> Result<()> {
+    let t = two_nodes()?;
+    let app = t.world.serve(
+        t.server.command(testapp()),
+        &format!("0.0.0.0:{APP_PORT}"),
+        "cart",
+    )?;
+    let load = start_load(&t)?;
+    std::thread::sleep(Duration::from_millis(800));
+    let b1 = replace(&t.world, &t.n1, &t.a1, 1)?;
+    std::thread::sleep(Duration::from_millis(1200));
+    let b2 = replace(&t.world, &t.n2, &t.a2, 1)?;
+    std::thread::sleep(Duration::from_millis(1200));
+    let report = load.finish()?;
+    eprintln!(
+        "upgrade under load: {} s, {} new connections, {} long-lived transfers, {} bytes echoed",
+        report.seconds, report.new_ok, report.long_ok, report.long_bytes
+    );
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.new_failed, 0, "failed new connections: {report:?}");
+    assert_eq!(report.long_broken, 0, "broken transfers: {report:?}");
+    assert_eq!(report.long_ok, LONG_LIVED as u64, "{report:?}");
+    assert!(
+        report.new_ok >= 50,
+        "too few new connections to mean anything: {report:?}"
+    );
+    assert!(report.long_bytes > 0, "{report:?}");
+
+    // Who carried what: the old client-side agent finished the long-lived transfers (each logs at
+    // close), the new ones carried the connections opened after them.
+    let closed_by_old = || routed(&t.a1.lines(), "hbone");
+    assert!(
+        ferry_e2e::eventually(Duration::from_secs(5), || closed_by_old() >= LONG_LIVED),
+        "the old agent logged {} carried connections",
+        closed_by_old()
+    );
+    assert!(
+        routed(&b1.lines(), "hbone") > 0,
+        "the new client-side agent carried nothing"
+    );
+    assert!(
+        routed(&b2.lines(), "hbone") > 0,
+        "the new server-side agent carried nothing"
+    );
+    assert!(app.is_running());
+
+    // The old agents drained (nothing left) and wait for the kubelet's SIGTERM; the new ones serve.
+    for old in [&t.a1, &t.a2] {
+        old.wait_for(
+            |l| l.msg() == "agent stopped" && l.field("unfinished").as_deref() == Some("0"),
+            Duration::from_secs(5),
+        )?;
+        assert!(
+            old.terminate(Duration::from_secs(5)),
+            "an old agent ignored SIGTERM"
+        );
+    }
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), APP_PORT);
+    let d = dial(t.client.command(testapp()), to, "after")?;
+    assert!(d.ok && d.echo == "after", "{d:?}");
+    Ok(())
+}
+
+/// kill -9 of the client's node agent: connections in the gap are refused and none of their bytes
+/// crosses the node link in clear; a new agent serves again within 2 s of starting.
+#[test]
+fn killed_agent_fails_closed_and_a_new_one_serves_within_2s() -> Result<()> {
+    let t = two_nodes()?;
+    let app = t.world.serve(
+        t.server.command(testapp()),
+        &format!("0.0.0.0:{APP_PORT}"),
+        "cart",
+    )?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), APP_PORT);
+    let d = dial(t.client.command(testapp()), to, "before")?;
+    assert!(d.ok, "{d:?}");
+    let accepted_before = app.output().matches("accepted").count();
+
+    t.a1.kill9();
+    let marker = format!("FERRY-GAP-{}", std::process::id());
+    let sniffer = Sniffer::start(&t.n1.netns, "fab0")?;
+    for _ in 0..5 {
+        let d = dial(t.client.command(testapp()), to, &marker)?;
+        assert!(
+            !d.ok && !d.connected,
+            "a connection got through without an agent: {d:?}"
+        );
+        assert!(
+            d.error.contains("refused"),
+            "refused at once, not timed out: {d:?}"
+        );
+    }
+    let frames = sniffer.stop()?;
+    assert!(
+        !contains(&frames, marker.as_bytes()),
+        "bytes of the gap crossed the node link in clear"
+    );
+    assert_eq!(
+        app.output().matches("accepted").count(),
+        accepted_before,
+        "the app saw a connection during the gap"
+    );
+
+    // The killed agent left its handoff socket file: nobody answers, so the new agent starts fresh.
+    assert!(t.n1.dir.join("handoff.sock").exists());
+    let started = Instant::now();
+    let b1 = t.world.spawn_agent(&t.n1, &t.n1.config_path())?;
+    let mut resumed = None;
+    while started.elapsed() < Duration::from_secs(10) {
+        let d = dial(t.client.command(testapp()), to, "again")?;
+        if d.ok && d.echo == "again" {
+            resumed = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let resumed = resumed.context("service did not resume within 10 s")?;
+    eprintln!("kill -9: service resumed {resumed:?} after the new agent started");
+    assert!(
+        resumed < Duration::from_secs(2),
+        "service resumed only after {resumed:?}"
+    );
+    let attached = b1.wait_for(|l| l.msg() == "capture attached", Duration::from_secs(1))?;
+    assert_eq!(attached.field("reopened").as_deref(), Some("true"));
+    assert!(
+        b1.lines()
+            .iter()
+            .all(|l| l.msg() != "listeners received from the running agent"),
+        "a dead agent cannot hand anything over"
+    );
+    Ok(())
+}

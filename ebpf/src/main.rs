@@ -58,10 +58,17 @@ static FERRY_DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(65536,
 #[map(name = "FERRY_COUNTERS")]
 static FERRY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 
+/// How far a counter advances per event; see the `upgrade-test-variant` feature.
+const COUNT_STEP: u64 = if cfg!(feature = "upgrade-test-variant") {
+    2
+} else {
+    1
+};
+
 #[inline(always)]
 fn count(idx: u32) {
     if let Some(p) = FERRY_COUNTERS.get_ptr_mut(idx) {
-        unsafe { *p += 1 };
+        unsafe { *p += COUNT_STEP };
     }
 }
 

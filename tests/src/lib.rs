@@ -12,7 +12,7 @@
 //! Every name carries the creating process id and a random suffix. Everything is removed on drop (also
 //! while unwinding from a panic), and [`sweep_stale`] removes what a killed test run left behind.
 use std::{
-    ffi::CString,
+    ffi::{CString, OsStr},
     fs::{self, File},
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -639,24 +639,25 @@ impl World {
 
     /// Starts the node's agent and waits until it reports ready.
     pub fn start_agent(&self, node: &Node) -> Result<Agent> {
-        self.start_agent_with(node, &node.config_path())
+        self.start_agent_with(node, &node.config_path(), &[])
     }
 
     /// Starts an agent of `node` with another config file (e.g. a second agent beside a running one)
     /// and waits until it reports ready.
-    pub fn start_agent_with(&self, node: &Node, config: &Path) -> Result<Agent> {
-        let agent = self.spawn_agent(node, config)?;
+    pub fn start_agent_with(&self, node: &Node, config: &Path, args: &[&OsStr]) -> Result<Agent> {
+        let agent = self.spawn_agent(node, config, args)?;
         agent.wait_for(|l| l.msg() == "ready", Duration::from_secs(20))?;
         Ok(agent)
     }
 
-    /// Starts an agent of `node` without waiting for it.
-    pub fn spawn_agent(&self, node: &Node, config: &Path) -> Result<Agent> {
+    /// Starts an agent of `node` (`ferry run --config <config> <args>`) without waiting for it.
+    pub fn spawn_agent(&self, node: &Node, config: &Path, args: &[&OsStr]) -> Result<Agent> {
         let log_path = unique(node.dir.join("agent.log"));
         let log = File::create(&log_path)?;
         let mut cmd = node.command(ferry_bin());
         cmd.args(["--log-format", "json", "run", "--config"])
             .arg(config)
+            .args(args)
             .env("FERRY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -930,6 +931,63 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<String> {
 /// The test world's app binary.
 pub fn testapp() -> PathBuf {
     workspace_bin("FERRY_TESTAPP", "ferry-testapp")
+}
+
+/// A second eBPF object, built from `ebpf/` with its `upgrade-test-variant` feature (every capture
+/// counter advances by 2) into `<target dir>/ebpf-variant`, for upgrade tests that need an object
+/// other than the agent's own. Incremental after the first build (about a minute: nightly with
+/// `-Z build-std=core`, as the agent's build script builds the real one).
+pub fn ebpf_variant_object() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // <target>/<profile>/deps/<test binary>
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .context("the test binary is not in a cargo target directory")?
+        .join("ebpf-variant");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the tests crate has no parent directory")?;
+    let tools = std::env::var_os("FERRY_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".tools"))
+        .join("bin");
+    let mut path = vec![tools];
+    path.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    let out = Command::new("cargo")
+        .current_dir(root.join("ebpf"))
+        // The rustup proxy picks the nightly; the stable toolchain's variables would override it.
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env("PATH", std::env::join_paths(path)?)
+        .args([
+            "+nightly",
+            "build",
+            "--package",
+            "ferry-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--features",
+            "upgrade-test-variant",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .output()
+        .context("running cargo +nightly to build the variant eBPF object")?;
+    if !out.status.success() {
+        bail!(
+            "building the variant eBPF object failed (run `cargo xtask setup` first):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(target.join("bpfel-unknown-none/release/ferry-ebpf"))
 }
 
 /// The steady-load client (`ferry-load`: long-lived transfers and a stream of new connections).

@@ -2,6 +2,7 @@
 //! in the test world, a successor started beside the running agent as a DaemonSet surge starts it.
 //! Needs root.
 use std::{
+    ffi::OsStr,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
@@ -9,7 +10,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use ferry_e2e::{
-    Agent, LogLine, Node, NodeOptions, Pod, Proc, Sniffer, World, contains, dial, load_bin, testapp,
+    Agent, LogLine, Node, NodeOptions, Pod, Proc, Sniffer, World, contains, dial,
+    ebpf_variant_object, load_bin, testapp,
 };
 
 const APP_PORT: u16 = 8080;
@@ -74,9 +76,10 @@ fn successor_config(node: &Node) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts a successor beside `old` and checks the handoff happened on both sides.
-fn replace(world: &World, node: &Node, old: &Agent, pods: usize) -> Result<Agent> {
-    let new = world.start_agent_with(node, &successor_config(node)?)?;
+/// Starts a successor beside `old` (`ferry run` with `args`) and checks the handoff happened on both
+/// sides.
+fn replace(world: &World, node: &Node, old: &Agent, pods: usize, args: &[&OsStr]) -> Result<Agent> {
+    let new = world.start_agent_with(node, &successor_config(node)?, args)?;
     let took = new.wait_for(
         |l| l.msg() == "took over from the running agent",
         Duration::from_secs(5),
@@ -162,9 +165,9 @@ fn upgrade_under_load_drops_nothing() -> Result<()> {
     )?;
     let load = start_load(&t)?;
     std::thread::sleep(Duration::from_millis(800));
-    let b1 = replace(&t.world, &t.n1, &t.a1, 1)?;
+    let b1 = replace(&t.world, &t.n1, &t.a1, 1, &[])?;
     std::thread::sleep(Duration::from_millis(1200));
-    let b2 = replace(&t.world, &t.n2, &t.a2, 1)?;
+    let b2 = replace(&t.world, &t.n2, &t.a2, 1, &[])?;
     std::thread::sleep(Duration::from_millis(1200));
     let report = load.finish()?;
     eprintln!(
@@ -259,7 +262,7 @@ fn killed_agent_fails_closed_and_a_new_one_serves_within_2s() -> Result<()> {
     // The killed agent left its handoff socket file: nobody answers, so the new agent starts fresh.
     assert!(t.n1.dir.join("handoff.sock").exists());
     let started = Instant::now();
-    let b1 = t.world.spawn_agent(&t.n1, &t.n1.config_path())?;
+    let b1 = t.world.spawn_agent(&t.n1, &t.n1.config_path(), &[])?;
     let mut resumed = None;
     while started.elapsed() < Duration::from_secs(10) {
         let d = dial(t.client.command(testapp()), to, "again")?;
@@ -283,5 +286,101 @@ fn killed_agent_fails_closed_and_a_new_one_serves_within_2s() -> Result<()> {
             .all(|l| l.msg() != "listeners received from the running agent"),
         "a dead agent cannot hand anything over"
     );
+    Ok(())
+}
+
+fn counter(node: &Node, name: &str) -> Result<u64> {
+    let status = node.cli(&["status"])?;
+    status["capture_counters"][name]
+        .as_u64()
+        .with_context(|| format!("no counter {name} in {status}"))
+}
+
+/// The programs of every pinned link a new agent found were replaced in place: the same link, another
+/// program.
+fn assert_programs_replaced(agent: &Agent, expected: &[&str]) {
+    let lines = agent.lines();
+    for name in expected {
+        let line = lines
+            .iter()
+            .find(|l| {
+                l.msg() == "program replaced by link update"
+                    && l.field("program").as_deref() == Some(*name)
+            })
+            .unwrap_or_else(|| panic!("{name}: no link update logged by the new agent"));
+        assert!(line.field("link_id").is_some(), "{}", line.0);
+        assert_ne!(
+            line.field("from_program_id"),
+            line.field("to_program_id"),
+            "{}",
+            line.0
+        );
+    }
+}
+
+/// The same load while both agents are replaced by agents running a different eBPF object (its
+/// counters advance by 2): the pinned links switch to the new programs atomically (nothing fails or
+/// breaks), and those programs work on the maps the old ones filled — the listeners the old agent
+/// registered steer inbound connections, and the counters go on from the old values, now by 2.
+#[test]
+fn upgrade_to_a_different_ebpf_object_under_load() -> Result<()> {
+    let variant = ebpf_variant_object()?;
+    let t = two_nodes()?;
+    let _app = t.world.serve(
+        t.server.command(testapp()),
+        &format!("0.0.0.0:{APP_PORT}"),
+        "cart",
+    )?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), APP_PORT);
+    let d = dial(t.client.command(testapp()), to, "before")?;
+    assert!(d.ok, "{d:?}");
+    let captured_before = counter(&t.n1, "outbound_captured")?;
+    let delivered_before = counter(&t.n2, "inbound_delivery_passed")?;
+    assert!(captured_before >= 1 && delivered_before >= 1);
+
+    let load = start_load(&t)?;
+    std::thread::sleep(Duration::from_millis(800));
+    let args = [OsStr::new("--ebpf-object"), variant.as_os_str()];
+    let b1 = replace(&t.world, &t.n1, &t.a1, 1, &args)?;
+    std::thread::sleep(Duration::from_millis(1200));
+    let b2 = replace(&t.world, &t.n2, &t.a2, 1, &args)?;
+    std::thread::sleep(Duration::from_millis(1200));
+    let report = load.finish()?;
+    eprintln!(
+        "upgrade to another eBPF object under load: {} s, {} new connections, {} long-lived transfers, {} bytes echoed",
+        report.seconds, report.new_ok, report.long_ok, report.long_bytes
+    );
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.new_failed, 0, "{report:?}");
+    assert_eq!(report.long_broken, 0, "{report:?}");
+    assert_eq!(report.long_ok, LONG_LIVED as u64, "{report:?}");
+
+    assert_programs_replaced(
+        &b1,
+        &[
+            "ferry_connect4",
+            "ferry_connect6",
+            "ferry_getpeername4",
+            "ferry_getpeername6",
+            "ferry_sockops_established",
+            "ferry_sk_lookup",
+        ],
+    );
+    assert_programs_replaced(&b2, &["ferry_connect4", "ferry_sk_lookup"]);
+
+    // Quiet now: each new connection moves the counters by exactly 2 (the variant's step), from where
+    // the old programs left them.
+    let (c0, d0) = (
+        counter(&t.n1, "outbound_captured")?,
+        counter(&t.n2, "inbound_delivery_passed")?,
+    );
+    assert!(c0 > captured_before && d0 > delivered_before);
+    const DIALS: u64 = 3;
+    for i in 0..DIALS {
+        let d = dial(t.client.command(testapp()), to, &format!("after{i}"))?;
+        assert!(d.ok, "{d:?}");
+    }
+    assert_eq!(counter(&t.n1, "outbound_captured")? - c0, 2 * DIALS);
+    assert_eq!(counter(&t.n2, "inbound_delivery_passed")? - d0, 2 * DIALS);
     Ok(())
 }

@@ -103,7 +103,13 @@ fn check_prerequisites(cfg: &NodeConfig) -> Result<(), CaptureError> {
 impl Capture {
     /// Loads and attaches the capture programs for this node, or re-opens what an earlier agent left.
     pub fn open(cfg: &NodeConfig) -> Result<Self, CaptureError> {
-        if OBJECT.is_empty() {
+        Self::open_object(cfg, OBJECT)
+    }
+
+    /// [`Capture::open`] with another eBPF object than the built-in one (the upgrade tests load a
+    /// variant to prove a differing object takes over the pinned links and maps).
+    pub fn open_object(cfg: &NodeConfig, object: &[u8]) -> Result<Self, CaptureError> {
+        if object.is_empty() {
             return Err(CaptureError::NotBuilt);
         }
         check_prerequisites(cfg)?;
@@ -115,7 +121,7 @@ impl Capture {
         check_pinned_layouts(&maps_dir(&root))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(maps_dir(&root))
-            .load(OBJECT)
+            .load(object)
             .map_err(CaptureError::bpf("loading the eBPF object"))?;
 
         // Programs are loaded while the object still owns every map: loading resolves the map

@@ -43,6 +43,9 @@ enum Command {
         /// `spec.nodeName`, so one ConfigMap serves every node).
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
+        /// Load this eBPF object instead of the built-in one (testing a capture upgrade).
+        #[arg(long, hide = true)]
+        ebpf_object: Option<PathBuf>,
     },
     /// Certificate authority material: the trust-domain root and per-node intermediates.
     Ca {
@@ -216,7 +219,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run { config, node_name } => run(config, node_name.as_deref()),
+        Command::Run {
+            config,
+            node_name,
+            ebpf_object,
+        } => run(config, node_name.as_deref(), ebpf_object),
         Command::Uninstall { config } => uninstall(config),
         Command::Ca { command } => ca(command),
         Command::Status(t) => query(t, Request::Status),
@@ -257,15 +264,25 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(config: PathBuf, node_name: Option<&str>) -> anyhow::Result<()> {
+fn run(
+    config: PathBuf,
+    node_name: Option<&str>,
+    ebpf_object: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let mut cfg = NodeConfig::load(&config)?;
     if let Some(name) = node_name {
         cfg = cfg.with_node_name(name)?;
     }
+    let object = ebpf_object
+        .map(|p| {
+            std::fs::read(&p)
+                .map_err(|e| anyhow::anyhow!("reading the eBPF object {}: {e}", p.display()))
+        })
+        .transpose()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(daemon::run(cfg))?;
+    rt.block_on(daemon::run(cfg, object))?;
     Ok(())
 }
 

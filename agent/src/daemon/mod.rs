@@ -98,7 +98,8 @@ struct Daemon {
 }
 
 /// Runs the agent with a loaded config (the CLI applies overrides such as `--node-name` first).
-pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
+/// `ebpf_object`: an eBPF object to load instead of the built-in one.
+pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
     // Probes answer from the start: live at once, ready only once capture is attached, certificates
     // are loaded and the config is valid.
@@ -113,7 +114,10 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
     tokio::spawn(admin::serve(http, startup.clone(), async move {
         let _ = http_stopped.await;
     }));
-    let capture = Arc::new(Capture::open(&cfg)?);
+    let capture = Arc::new(match &ebpf_object {
+        Some(object) => Capture::open_object(&cfg, object)?,
+        None => Capture::open(&cfg)?,
+    });
     tracing::info!(
         node = %cfg.node,
         bpffs_root = %cfg.bpffs_root.display(),

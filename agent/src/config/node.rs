@@ -380,6 +380,10 @@ mod tests {
             .with_node_name("worker-1")
             .unwrap();
         assert_eq!(c.admin.http.to_string(), "0.0.0.0:15020");
+        // Old and new agent of a rolling update must both see the handoff socket: the shared hostPath.
+        let ds_text = std::fs::read_to_string(deploy.join("daemonset.yaml")).unwrap();
+        assert!(c.handoff_socket.starts_with("/run/ferry"));
+        assert!(ds_text.contains("mountPath: /run/ferry") && ds_text.contains("path: /run/ferry"));
         assert_eq!(c.workloads, PathBuf::from("/etc/ferry/workloads.yaml"));
         assert_eq!(
             c.certificates.unwrap().dir,

@@ -156,7 +156,15 @@ impl HboneClient {
             if e.is_go_away() {
                 self.shared.going_away.store(true, Ordering::Release);
             }
-            TunnelError::from_stream(e)
+            // Refused (RFC 9113 §8.7), or cut by a graceful GOAWAY that did not cover it: the peer
+            // never processed the stream; like a connection that takes no new streams.
+            let unprocessed = e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR));
+            if unprocessed {
+                TunnelError::Closed
+            } else {
+                TunnelError::from_stream(e)
+            }
         })?;
         match response.status() {
             StatusCode::OK => {}

@@ -107,16 +107,27 @@ pub async fn handle(
                 dst_principal: Some(identity.principal()),
                 mutual_tls: true,
             };
-            let client = match mesh.hbone_client(pod, dst.ip(), identity).await {
-                Ok(c) => c,
-                Err(e) => {
-                    reset(app);
-                    return rec.finish(Outcome::Unreachable(e.to_string()));
-                }
-            };
             let forwarded =
                 SocketAddr::new(pod.ip_like(dst.ip()).unwrap_or(peer.ip()), peer.port());
-            let stream = match client.connect(dst, forwarded).await {
+            let mut retried = false;
+            let stream = loop {
+                let client = match mesh.hbone_client(pod, dst.ip(), identity.clone()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        reset(app);
+                        return rec.finish(Outcome::Unreachable(e.to_string()));
+                    }
+                };
+                match client.connect(dst, forwarded).await {
+                    Ok(s) => break Ok(s),
+                    // The pooled connection was going away (its agent handed over or is stopping):
+                    // the peer never processed the stream, so one more try on a fresh connection —
+                    // which reaches the peer's successor — is safe.
+                    Err(TunnelError::Closed) if !retried => retried = true,
+                    Err(e) => break Err(e),
+                }
+            };
+            let stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
                     reset(app);

@@ -46,6 +46,8 @@ pub enum DaemonError {
         what: String,
         source: std::io::Error,
     },
+    #[error("registering a listener of pod {pod}: {source}")]
+    Listener { pod: String, source: std::io::Error },
     #[error("taking over from the running agent: {0}")]
     Handoff(#[from] crate::handoff::HandoffError),
     #[error("policies: {0}")]
@@ -472,9 +474,9 @@ impl Daemon {
                 .set_nonblocking(true)
                 .and_then(|()| TcpListener::from_std(l))
                 .map(Arc::new)
-                .map_err(|e| DaemonError::Admin {
-                    what: format!("registering a listener of pod {key}"),
-                    source: e,
+                .map_err(|source| DaemonError::Listener {
+                    pod: key.to_owned(),
+                    source,
                 })?;
             kept.push((kind, l.clone()));
             Ok::<_, DaemonError>(l)

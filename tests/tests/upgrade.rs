@@ -15,6 +15,18 @@ use ferry_e2e::{
 };
 
 const APP_PORT: u16 = 8080;
+
+/// One test of this file at a time: each runs four agents and 50 transfers, and the timing bounds
+/// (2 s to resume after kill -9) should not measure another test's load — nor the minute-long build of
+/// the variant eBPF object on a fresh target directory.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding the lock poisons it; the next one may still run.
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 /// Long-lived transfers kept running through each replacement.
 const LONG_LIVED: usize = 50;
 
@@ -85,6 +97,13 @@ fn replace(world: &World, node: &Node, old: &Agent, pods: usize, args: &[&OsStr]
         Duration::from_secs(5),
     )?;
     assert_eq!(took.field("pods"), Some(pods.to_string()), "{}", took.0);
+    // Ready (what the kubelet's probe and the rollout wait for) only once the listeners are taken.
+    let order: Vec<String> = new.lines().iter().map(|l| l.msg().to_owned()).collect();
+    let took_at = order
+        .iter()
+        .position(|m| m == "took over from the running agent");
+    let ready_at = order.iter().position(|m| m == "ready");
+    assert!(took_at < ready_at, "ready before the handoff: {order:?}");
     old.wait_for(
         |l| l.msg() == "handed over to the new agent; no longer accepting",
         Duration::from_secs(5),
@@ -157,6 +176,7 @@ fn routed(lines: &[LogLine], route: &str) -> usize {
 /// the transfers they carry and the new ones carry every connection opened after them.
 #[test]
 fn upgrade_under_load_drops_nothing() -> Result<()> {
+    let _serial = serial();
     let t = two_nodes()?;
     let app = t.world.serve(
         t.server.command(testapp()),
@@ -223,6 +243,7 @@ fn upgrade_under_load_drops_nothing() -> Result<()> {
 /// crosses the node link in clear; a new agent serves again within 2 s of starting.
 #[test]
 fn killed_agent_fails_closed_and_a_new_one_serves_within_2s() -> Result<()> {
+    let _serial = serial();
     let t = two_nodes()?;
     let app = t.world.serve(
         t.server.command(testapp()),
@@ -324,6 +345,7 @@ fn assert_programs_replaced(agent: &Agent, expected: &[&str]) {
 /// registered steer inbound connections, and the counters go on from the old values, now by 2.
 #[test]
 fn upgrade_to_a_different_ebpf_object_under_load() -> Result<()> {
+    let _serial = serial();
     let variant = ebpf_variant_object()?;
     let t = two_nodes()?;
     let _app = t.world.serve(

@@ -205,6 +205,12 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
     if let Some(incoming) = daemon.incoming.take() {
         // Listeners of pods this agent did not take are closed with `incoming`.
         let taken = daemon.pods.values().filter(|p| p.inherited).count();
+        if !incoming.is_empty() {
+            tracing::info!(
+                pods = incoming.len(),
+                "closing listeners passed over for pods this agent does not enroll"
+            );
+        }
         let confirm = tokio::task::spawn_blocking(move || incoming.finish(taken)).await;
         match confirm {
             Ok(Ok(())) => tracing::info!(pods = taken, "took over from the running agent"),

@@ -2,13 +2,15 @@
 //!
 //! Module layering (imports only flow downwards in this list):
 //! `identity`, `netns`, `admin` (metrics and admin protocol, no other Ferry imports) → `config` →
-//! `policy`, `tls` → `capture` → `tunnel` → `daemon` → `cli`.
+//! `policy`, `tls` → `capture` → `tunnel` → `kube` (the Kubernetes workload source, CNI requests;
+//! uses only `admin` and `config`) → `daemon` → `cli`.
 pub mod admin;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod identity;
+pub mod kube;
 pub mod netns;
 pub mod policy;
 pub mod tls;

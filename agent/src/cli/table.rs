@@ -109,6 +109,43 @@ pub fn render(request: &Request, data: &Value) -> String {
                 )
             };
             out += &kv("last reload", last);
+            let k = &data["kubernetes"];
+            if !k.is_null() {
+                let api = if k["connected"].as_bool() == Some(true) {
+                    format!(
+                        "connected {}",
+                        k["since"].as_u64().map(ago).unwrap_or_default()
+                    )
+                } else {
+                    format!(
+                        "DISCONNECTED {} (serving the last known state; {} disconnects){}",
+                        k["since"].as_u64().map(ago).unwrap_or_default(),
+                        s(&k["disconnects"]),
+                        k["last_error"]
+                            .as_str()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    )
+                };
+                out += &kv("kubernetes api", api);
+                out += &kv(
+                    "kubernetes pods",
+                    format!(
+                        "{} pods, {} namespaces{}{}",
+                        s(&k["pods"]),
+                        s(&k["namespaces"]),
+                        if k["synced"].as_bool() == Some(true) {
+                            ""
+                        } else {
+                            " (not listed yet)"
+                        },
+                        match k["waiting_for_netns"].as_u64() {
+                            Some(n) if n > 0 => format!(", {n} waiting for their netns"),
+                            _ => String::new(),
+                        }
+                    ),
+                );
+            }
             if let Some(c) = data["capture_counters"].as_object() {
                 let counters: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 out += &kv("capture counters", counters.join(" "));

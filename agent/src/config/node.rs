@@ -3,7 +3,11 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::{ConfigError, parse_yaml, read_file};
+use super::{
+    ConfigError,
+    kubernetes::{KubernetesConfig, RawKubernetes, WorkloadSource},
+    parse_yaml, read_file,
+};
 use crate::identity::TrustDomain;
 
 /// What the agent does with inbound plaintext connections from outside the mesh.
@@ -144,9 +148,13 @@ struct RawNodeConfig {
     bpffs_root: PathBuf,
     #[serde(default = "default_cgroup_root")]
     cgroup_root: PathBuf,
-    workloads: PathBuf,
+    workloads: Option<PathBuf>,
+    kubernetes: Option<RawKubernetes>,
     #[serde(default)]
     inbound: InboundMode,
+    /// Plaintext sources delivered even in strict mode: the kubelet's probes.
+    #[serde(default)]
+    probe_sources: Vec<IpNet>,
     #[serde(default)]
     outbound_unknown: OutboundUnknown,
     #[serde(default)]
@@ -177,8 +185,11 @@ pub struct NodeConfig {
     pub certificates: Option<CertificatesConfig>,
     pub bpffs_root: PathBuf,
     pub cgroup_root: PathBuf,
-    pub workloads: PathBuf,
+    pub workloads: WorkloadSource,
     pub inbound: InboundMode,
+    /// Sources whose plaintext connections reach the app even in strict mode: the node's address as
+    /// the pod sees it, where the kubelet's probes come from.
+    pub probe_sources: Vec<IpNet>,
     pub outbound_unknown: OutboundUnknown,
     pub ports: Ports,
     pub capture: CaptureConfig,
@@ -232,6 +243,27 @@ impl NodeConfig {
                 "trust_domain and certificates go together: mesh traffic needs both".into(),
             ));
         }
+        let workloads = match (raw.workloads, raw.kubernetes) {
+            (Some(file), None) => WorkloadSource::File(abs(file)),
+            (None, Some(k)) => WorkloadSource::Kubernetes(KubernetesConfig::validate(
+                path,
+                k,
+                &raw.cgroup_root,
+                abs,
+            )?),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "workloads",
+                    "give either a workloads file or a kubernetes section, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "workloads",
+                    "missing: give a workloads file or a kubernetes section".into(),
+                ));
+            }
+        };
         let certificates = raw.certificates.map(|c| CertificatesConfig {
             dir: abs(c.dir),
             ..c
@@ -250,8 +282,9 @@ impl NodeConfig {
             certificates,
             bpffs_root: raw.bpffs_root,
             cgroup_root: raw.cgroup_root,
-            workloads: abs(raw.workloads),
+            workloads,
             inbound: raw.inbound,
+            probe_sources: raw.probe_sources,
             outbound_unknown: raw.outbound_unknown,
             ports: raw.ports,
             capture: raw.capture,
@@ -301,7 +334,10 @@ mod tests {
     #[test]
     fn minimal_file_gets_defaults_and_resolves_relative_paths() {
         let c = parse("node: n1\nworkloads: workloads.yaml\n").unwrap();
-        assert_eq!(c.workloads, PathBuf::from("/etc/ferry/workloads.yaml"));
+        assert_eq!(
+            c.workloads,
+            WorkloadSource::File(PathBuf::from("/etc/ferry/workloads.yaml"))
+        );
         assert_eq!(c.bpffs_root, PathBuf::from("/sys/fs/bpf/ferry"));
         assert_eq!(c.inbound, InboundMode::Strict);
         assert_eq!(c.ports.hbone, 15008);
@@ -370,7 +406,10 @@ mod tests {
             .with_node_name("worker-1")
             .unwrap();
         assert_eq!(c.admin.http.to_string(), "0.0.0.0:15020");
-        assert_eq!(c.workloads, PathBuf::from("/etc/ferry/workloads.yaml"));
+        assert_eq!(
+            c.workloads,
+            WorkloadSource::File(PathBuf::from("/etc/ferry/workloads.yaml"))
+        );
         assert_eq!(
             c.certificates.unwrap().dir,
             PathBuf::from("/etc/ferry/certs")

@@ -27,6 +27,8 @@ pub struct AgentView {
     pub ready: AtomicBool,
     pub generation: AtomicU64,
     pub last_reload: Mutex<Option<ReloadStatus>>,
+    /// The Kubernetes source's state, when the workloads come from the API.
+    pub kube: Option<Arc<crate::kube::Shared>>,
 }
 
 pub fn unix(t: SystemTime) -> u64 {
@@ -75,6 +77,7 @@ impl AgentView {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
+            kubernetes: self.kube.as_ref().map(|k| k.status()),
         }
     }
 

@@ -76,6 +76,7 @@ pub struct Mesh {
     pub node: String,
     pub ports: Ports,
     pub inbound: InboundMode,
+    probe_sources: Vec<ipnet::IpNet>,
     pub outbound_unknown: OutboundUnknown,
     pub capture: Arc<Capture>,
     pub trust_domain: Option<TrustDomain>,
@@ -99,6 +100,7 @@ impl Mesh {
             node: cfg.node.clone(),
             ports: cfg.ports,
             inbound: cfg.inbound,
+            probe_sources: cfg.probe_sources.clone(),
             outbound_unknown: cfg.outbound_unknown,
             capture,
             trust_domain: cfg.trust_domain.clone(),
@@ -110,6 +112,15 @@ impl Mesh {
             workloads: RwLock::new(Arc::new(WorkloadSet::default())),
             local: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Whether plaintext from `ip` is a kubelet probe (delivered even in strict mode).
+    pub fn is_probe_source(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.probe_sources.iter().any(|n| n.contains(&ip))
     }
 
     pub fn workloads(&self) -> Arc<WorkloadSet> {

@@ -25,6 +25,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod kube_api;
+
 pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
 pub const BPFFS: &str = "/sys/fs/bpf";
 const PREFIX: &str = "ferry-t";
@@ -356,6 +358,8 @@ pub struct NodeOptions {
     pub workload_ttl: Option<&'static str>,
     pub inbound: Option<&'static str>,
     pub outbound_unknown: Option<&'static str>,
+    /// A `kubernetes:` section (flow YAML) instead of the workloads file.
+    pub kubernetes: Option<String>,
     pub extra: String,
 }
 
@@ -553,6 +557,21 @@ impl World {
         namespace: &str,
         sa: &str,
     ) -> Result<Pod> {
+        let cgroup = node.cgroup_root.join(format!("pod-{name}"));
+        self.add_pod_in(node, name, host, namespace, sa, cgroup)
+    }
+
+    /// A pod whose cgroup is `cgroup` (below the node's cgroup root), e.g. where the kubelet would put
+    /// it.
+    pub fn add_pod_in(
+        &mut self,
+        node: &Node,
+        name: &str,
+        host: u8,
+        namespace: &str,
+        sa: &str,
+        cgroup: PathBuf,
+    ) -> Result<Pod> {
         let netns = format!("{}-{}-{name}", self.id, node.name);
         self.add_netns(&netns)?;
         let host_if = format!("p{}", self.pods.len());
@@ -570,7 +589,6 @@ impl World {
         )?;
         ip(&netns, &format!("route add default via 198.18.{s}.1"))?;
         ip(&netns, &format!("-6 route add default via 2001:db8:{s}::1"))?;
-        let cgroup = node.cgroup_root.join(format!("pod-{name}"));
         let app_cgroup = cgroup.join("app");
         fs::create_dir_all(&app_cgroup)?;
         let pod = Pod {
@@ -597,12 +615,16 @@ impl World {
 
     pub fn write_config(&self, node: &Node, opts: &NodeOptions) -> Result<()> {
         let text = format!(
-            "node: {}\npolicies: policies\nadmin: {{socket: admin.sock}}\ndrain_deadline: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
+            "node: {}\npolicies: policies\nadmin: {{socket: admin.sock}}\ndrain_deadline: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\n{}\ninbound: {}\noutbound_unknown: {}\n{}",
             node.name,
             opts.drain_deadline.unwrap_or("5s"),
             opts.workload_ttl.unwrap_or("24h"),
             node.bpffs_root.display(),
             node.cgroup_root.display(),
+            match &opts.kubernetes {
+                Some(k) => format!("kubernetes: {k}"),
+                None => "workloads: workloads.yaml".into(),
+            },
             opts.inbound.unwrap_or("permissive"),
             opts.outbound_unknown.unwrap_or("passthrough"),
             opts.extra,

@@ -38,11 +38,10 @@ pub enum KubeError {
     },
 }
 
-/// Connection state of the two watches.
+/// Connection state of the API: down on any failed request (a watch or the health check), up on
+/// any answer.
 #[derive(Debug, Default)]
 struct ApiState {
-    pods_up: bool,
-    namespaces_up: bool,
     /// Unix seconds of the last change between connected and disconnected.
     since: u64,
     last_error: Option<String>,
@@ -73,21 +72,16 @@ impl Shared {
         self.cluster.lock().ok().map(|c| f(&c))
     }
 
-    fn api_up(&self, kind: watch::Kind) {
-        self.set_api(kind, true, None);
+    fn api_up(&self) {
+        self.set_api(true, None);
     }
 
-    fn api_down(&self, kind: watch::Kind, error: &str) {
-        self.set_api(kind, false, Some(error));
+    fn api_down(&self, error: &str) {
+        self.set_api(false, Some(error));
     }
 
-    fn set_api(&self, kind: watch::Kind, up: bool, error: Option<&str>) {
+    fn set_api(&self, now: bool, error: Option<&str>) {
         let Ok(mut s) = self.api.lock() else { return };
-        match kind {
-            watch::Kind::Pods => s.pods_up = up,
-            watch::Kind::Namespaces => s.namespaces_up = up,
-        }
-        let now = s.pods_up && s.namespaces_up;
         let was = self.connected.swap(now, Ordering::AcqRel);
         if let Some(e) = error {
             s.last_error = Some(e.to_owned());
@@ -162,7 +156,8 @@ impl KubeSource {
         let (jobs, rx) = mpsc::channel(64);
         let tasks = vec![
             tokio::spawn(watch::pods(client.clone(), shared.clone())),
-            tokio::spawn(watch::namespaces(client, shared.clone())),
+            tokio::spawn(watch::namespaces(client.clone(), shared.clone())),
+            tokio::spawn(watch::health(client, shared.clone())),
             tokio::spawn(cni::serve(listener, shared.clone(), jobs)),
         ];
         let source = Self {

@@ -44,12 +44,22 @@ impl Backoff for Retry {
     }
 }
 
-/// Which watch an event came from, for the connection state (both must be up to count as
-/// connected).
-#[derive(Clone, Copy)]
-pub enum Kind {
-    Pods,
-    Namespaces,
+/// A watch that is established but quiet yields nothing, so a reconnect would only show with the
+/// next change: a cheap `GET /version` tells sooner, and also notices a connection that died
+/// silently.
+const HEALTH_UP: Duration = Duration::from_secs(10);
+const HEALTH_DOWN: Duration = Duration::from_secs(1);
+
+pub async fn health(client: Client, shared: Arc<Shared>) {
+    loop {
+        let up = shared.connected.load(std::sync::atomic::Ordering::Acquire);
+        tokio::time::sleep(if up { HEALTH_UP } else { HEALTH_DOWN }).await;
+        match tokio::time::timeout(HEALTH_UP, client.apiserver_version()).await {
+            Ok(Ok(_)) => shared.api_up(),
+            Ok(Err(e)) => shared.api_down(&e.to_string()),
+            Err(_) => shared.api_down("the API server did not answer within 10s"),
+        }
+    }
 }
 
 pub async fn pods(client: Client, shared: Arc<Shared>) {
@@ -62,11 +72,11 @@ pub async fn pods(client: Client, shared: Arc<Shared>) {
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
-                shared.api_down(Kind::Pods, &e.to_string());
+                shared.api_down(&e.to_string());
                 continue;
             }
         };
-        shared.api_up(Kind::Pods);
+        shared.api_up();
         let info = |p: &Pod| PodInfo::from_pod(p);
         match ev {
             watcher::Event::Init => relist = Some(HashMap::new()),
@@ -115,11 +125,11 @@ pub async fn namespaces(client: Client, shared: Arc<Shared>) {
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
-                shared.api_down(Kind::Namespaces, &e.to_string());
+                shared.api_down(&e.to_string());
                 continue;
             }
         };
-        shared.api_up(Kind::Namespaces);
+        shared.api_up();
         match ev {
             watcher::Event::Init => relist = Some(HashMap::new()),
             watcher::Event::InitApply(ns) => {

@@ -88,6 +88,11 @@ fn workspace_bin(env: &str, name: &str) -> PathBuf {
     }
 }
 
+/// The chained CNI plugin under test.
+pub fn ferry_cni_bin() -> PathBuf {
+    workspace_bin("FERRY_CNI", "ferry-cni")
+}
+
 /// The agent binary under test.
 pub fn ferry_bin() -> PathBuf {
     workspace_bin("FERRY_BIN", "ferry")
@@ -604,6 +609,14 @@ impl World {
         };
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// An empty netns (only `lo` up) on `node` for a pod whose network a CNI plugin sets up; removed
+    /// with the world. Returns its name (under `/var/run/netns`).
+    pub fn add_pod_netns(&self, node: &Node, name: &str) -> Result<String> {
+        let netns = format!("{}-{}-{name}", self.id, node.name);
+        self.add_netns(&netns)?;
+        Ok(netns)
     }
 
     /// A cgroup below `node`'s cgroup root that is not a pod's.

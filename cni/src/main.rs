@@ -14,6 +14,8 @@ use std::{
 use ferry_cni::{DEFAULT_SOCKET, PodRef, Reply, Request};
 use serde::Deserialize;
 
+mod install;
+
 const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// Connecting to the agent's socket: it is local, so anything slower means no agent.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,6 +67,19 @@ fn default_excluded() -> Vec<String> {
 }
 
 fn main() {
+    // Run by the DaemonSet's installer container, not by a runtime.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("install") {
+        if let Err(e) = install::run(&args[1..]) {
+            eprintln!("ferry-cni install: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if args.first().map(String::as_str) == Some("--version") {
+        println!("ferry-cni {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
     let version = std::env::var("CNI_COMMAND").ok();
     let mut stdin = String::new();
     let read = std::io::stdin().read_to_string(&mut stdin);

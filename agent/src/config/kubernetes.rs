@@ -67,17 +67,21 @@ impl KubernetesConfig {
             field: format!("kubernetes.{field}"),
             message,
         };
-        let kubepods_cgroup = raw
-            .kubepods_cgroup
-            .unwrap_or_else(|| cgroup_root.join(raw.cgroup_driver.kubepods_dir()));
-        if !kubepods_cgroup.is_absolute()
-            || !kubepods_cgroup.starts_with(cgroup_root)
-            || kubepods_cgroup == cgroup_root
-        {
+        // Default: the driver's pods cgroup below cgroup_root, or cgroup_root itself when capture is
+        // attached right at the kubelet's pods cgroup.
+        let dir = raw.cgroup_driver.kubepods_dir();
+        let kubepods_cgroup = raw.kubepods_cgroup.unwrap_or_else(|| {
+            if cgroup_root.file_name().is_some_and(|n| n == dir) {
+                cgroup_root.to_owned()
+            } else {
+                cgroup_root.join(dir)
+            }
+        });
+        if !kubepods_cgroup.is_absolute() || !kubepods_cgroup.starts_with(cgroup_root) {
             return Err(invalid(
                 "kubepods_cgroup",
                 format!(
-                    "{} must be an absolute path below cgroup_root {} (capture is attached there)",
+                    "{} must be cgroup_root {} or below it (capture is attached there)",
                     kubepods_cgroup.display(),
                     cgroup_root.display()
                 ),

@@ -426,6 +426,48 @@ mod tests {
     }
 
     #[test]
+    fn a_kubernetes_section_replaces_the_workloads_file_and_is_validated() {
+        let c = parse(
+            "node: n1\ncgroup_root: /sys/fs/cgroup\nkubernetes: {cgroup_driver: cgroupfs}\nprobe_sources: [10.244.1.1/32]\n",
+        )
+        .unwrap();
+        let WorkloadSource::Kubernetes(k) = &c.workloads else {
+            panic!("{:?}", c.workloads)
+        };
+        assert_eq!(k.kubepods_cgroup, PathBuf::from("/sys/fs/cgroup/kubepods"));
+        assert_eq!(k.cni_socket, PathBuf::from("/run/ferry/cni.sock"));
+        assert!(k.kubeconfig.is_none(), "in-cluster by default");
+        assert_eq!(c.probe_sources.len(), 1);
+        // Attached at the kubelet's own pods cgroup: that is the pods cgroup.
+        let c = parse(
+            "node: n1\ncgroup_root: /sys/fs/cgroup/kubepods.slice\nkubernetes: {kubeconfig: kc}\n",
+        )
+        .unwrap();
+        let WorkloadSource::Kubernetes(k) = &c.workloads else {
+            panic!("{:?}", c.workloads)
+        };
+        assert_eq!(
+            k.kubepods_cgroup,
+            PathBuf::from("/sys/fs/cgroup/kubepods.slice")
+        );
+        assert_eq!(k.kubeconfig, Some(PathBuf::from("/etc/ferry/kc")));
+        for (text, needle) in [
+            ("node: n1\nworkloads: w\nkubernetes: {}\n", "not both"),
+            ("node: n1\n", "workloads"),
+            ("node: n1\nkubernetes: {cgroup_driver: docker}\n", "line 2"),
+            (
+                "node: n1\nkubernetes: {kubepods_cgroup: /elsewhere}\n",
+                "kubernetes.kubepods_cgroup",
+            ),
+            ("node: n1\nkubernetes: {watch: true}\n", "watch"),
+            ("node: n1\nworkloads: w\nprobe_sources: [node]\n", "line 3"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_errors_naming_the_field() {
         let err = parse("node: n1\nworkloads: w\ncapture:\n  exclude_cidrs: [10.0.0.0/33]\n")
             .unwrap_err()

@@ -21,7 +21,7 @@ pub enum InstallError {
     },
     #[error("{path}: not a CNI network config: {message}")]
     Config { path: PathBuf, message: String },
-    #[error("bad arguments: {0}")]
+    #[error("{0}")]
     Usage(String),
 }
 
@@ -31,6 +31,8 @@ pub struct Options {
     pub agent_socket: PathBuf,
     pub exclude_namespaces: Vec<String>,
     pub watch: bool,
+    /// Change nothing; fail when something is not in place (the container's probes).
+    pub check: bool,
 }
 
 impl Options {
@@ -41,6 +43,7 @@ impl Options {
             agent_socket: PathBuf::from(ferry_cni::DEFAULT_SOCKET),
             exclude_namespaces: vec!["kube-system".into(), "ferry-system".into()],
             watch: false,
+            check: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -61,7 +64,12 @@ impl Options {
                         .collect()
                 }
                 "--watch" => o.watch = true,
-                other => return Err(InstallError::Usage(format!("unknown argument {other:?}"))),
+                "--check" => o.check = true,
+                other => {
+                    return Err(InstallError::Usage(format!(
+                        "unknown argument {other:?} (--bin-dir, --conf-dir, --agent-socket, --exclude-namespaces, --watch, --check)"
+                    )));
+                }
             }
         }
         Ok(o)
@@ -143,11 +151,16 @@ pub fn install_once(o: &Options, me: &Path) -> Result<Vec<String>, InstallError>
     let target = o.bin_dir.join(PLUGIN_TYPE);
     let ours = std::fs::read(me).map_err(io(me))?;
     if std::fs::read(&target).ok().as_deref() != Some(&ours[..]) {
-        write_atomic(&target, &ours, 0o755)?;
+        if !o.check {
+            write_atomic(&target, &ours, 0o755)?;
+        }
         did.push(format!("installed {}", target.display()));
     }
     let Some(conf_path) = primary_config(&o.conf_dir)? else {
         // The primary plugin has not written its config yet; the next pass chains it.
+        if o.check {
+            did.push(format!("no network config in {} yet", o.conf_dir.display()));
+        }
         return Ok(did);
     };
     let text = std::fs::read_to_string(&conf_path).map_err(io(&conf_path))?;
@@ -165,6 +178,10 @@ pub fn install_once(o: &Options, me: &Path) -> Result<Vec<String>, InstallError>
         message,
     })?;
     if let Some(list) = patched {
+        if o.check {
+            did.push(format!("chained ferry-cni into {}", conf_path.display()));
+            return Ok(did);
+        }
         // A .conf turned into a list must be named .conflist for the runtime to read the chain;
         // the new name sorts the same way, and the old file goes.
         let out = conf_path.with_extension("conflist");
@@ -185,6 +202,16 @@ pub fn install_once(o: &Options, me: &Path) -> Result<Vec<String>, InstallError>
 pub fn run(args: &[String]) -> Result<(), InstallError> {
     let o = Options::parse(args)?;
     let me = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
+    if o.check {
+        let missing = install_once(&o, &me)?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        return Err(InstallError::Usage(format!(
+            "not in place: {}",
+            missing.join("; ")
+        )));
+    }
     loop {
         match install_once(&o, &me) {
             Ok(did) => {
@@ -279,6 +306,19 @@ mod tests {
         assert!(
             install_once(&o, &me).unwrap().is_empty(),
             "a second pass changes nothing"
+        );
+        // --check sees a config the network plugin rewrote, and changes nothing itself.
+        std::fs::write(
+            conf.join("10-flannel.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"cbr0","plugins":[{"type":"flannel"}]}"#,
+        )
+        .unwrap();
+        let check = Options { check: true, ..o };
+        assert_eq!(install_once(&check, &me).unwrap().len(), 1);
+        assert_eq!(
+            install_once(&check, &me).unwrap().len(),
+            1,
+            "still not patched"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

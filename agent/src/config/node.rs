@@ -406,10 +406,14 @@ mod tests {
             .with_node_name("worker-1")
             .unwrap();
         assert_eq!(c.admin.http.to_string(), "0.0.0.0:15020");
-        assert_eq!(
-            c.workloads,
-            WorkloadSource::File(PathBuf::from("/etc/ferry/workloads.yaml"))
-        );
+        let WorkloadSource::Kubernetes(k) = &c.workloads else {
+            panic!("the shipped config watches the API: {:?}", c.workloads)
+        };
+        assert_eq!(k.kubeconfig, None, "in-cluster");
+        assert_eq!(k.kubepods_cgroup, c.cgroup_root);
+        // The CNI socket is on the hostPath the DaemonSet mounts, where the plugin on the host
+        // finds it.
+        assert!(k.cni_socket.starts_with("/run/ferry"), "{k:?}");
         assert_eq!(
             c.certificates.unwrap().dir,
             PathBuf::from("/etc/ferry/certs")

@@ -199,6 +199,98 @@ pub fn install_once(o: &Options, me: &Path) -> Result<Vec<String>, InstallError>
     Ok(did)
 }
 
+/// `conf` without its `ferry-cni` entry; `None` when it has none.
+pub fn unchained(conf: &Value) -> Option<Value> {
+    let plugins = conf.get("plugins")?.as_array()?;
+    if !plugins.iter().any(|p| p["type"] == PLUGIN_TYPE) {
+        return None;
+    }
+    let mut out = conf.clone();
+    if let Some(list) = out["plugins"].as_array_mut() {
+        list.retain(|p| p["type"] != PLUGIN_TYPE);
+    }
+    Some(out)
+}
+
+/// Takes `ferry-cni` out of the primary config's chain (the binary stays: a runtime may be running
+/// it). Without the agent, a chained ferry-cni would fail every meshed pod's network setup.
+pub fn uninstall_once(o: &Options) -> Result<Vec<String>, InstallError> {
+    let Some(conf_path) = primary_config(&o.conf_dir)? else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(&conf_path).map_err(io(&conf_path))?;
+    let conf: Value = serde_json::from_str(&text).map_err(|e| InstallError::Config {
+        path: conf_path.clone(),
+        message: e.to_string(),
+    })?;
+    let Some(list) = unchained(&conf) else {
+        return Ok(Vec::new());
+    };
+    let mut bytes = serde_json::to_vec_pretty(&list).map_err(|e| InstallError::Config {
+        path: conf_path.clone(),
+        message: e.to_string(),
+    })?;
+    bytes.push(b'\n');
+    write_atomic(&conf_path, &bytes, 0o644)?;
+    Ok(vec![format!(
+        "removed ferry-cni from {}",
+        conf_path.display()
+    )])
+}
+
+/// Each running installer keeps a heartbeat file in the config dir (a dotfile, which runtimes
+/// ignore), so one that stops can tell whether another (a rolling update's new pod) takes over.
+const HEARTBEAT_PREFIX: &str = ".ferry-cni-installer.";
+const HEARTBEAT_FRESH: Duration = Duration::from_secs(15);
+
+fn heartbeat_path(o: &Options) -> PathBuf {
+    let me = std::env::var("HOSTNAME").unwrap_or_else(|_| std::process::id().to_string());
+    o.conf_dir.join(format!("{HEARTBEAT_PREFIX}{me}"))
+}
+
+/// Whether another installer beat within [`HEARTBEAT_FRESH`].
+fn another_installer(o: &Options, mine: &Path) -> bool {
+    let Ok(dir) = std::fs::read_dir(&o.conf_dir) else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let fresh = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < HEARTBEAT_FRESH);
+        e.file_name()
+            .to_string_lossy()
+            .starts_with(HEARTBEAT_PREFIX)
+            && e.path() != mine
+            && fresh
+    })
+}
+
+/// SIGTERM, delivered to a thread that waits for it; the main loop polls the flag.
+fn watch_sigterm() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    // SAFETY: plain libc signal-mask calls on a zeroed sigset_t before any other thread exists;
+    // the mask is inherited by the waiting thread, which takes the signal with sigwait.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let f = flag.clone();
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            if libc::sigwait(&set, &mut sig) == 0 {
+                f.store(true, Ordering::Release);
+            }
+        });
+    }
+    flag
+}
+
 pub fn run(args: &[String]) -> Result<(), InstallError> {
     let o = Options::parse(args)?;
     let me = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
@@ -212,6 +304,14 @@ pub fn run(args: &[String]) -> Result<(), InstallError> {
             missing.join("; ")
         )));
     }
+    if !o.watch {
+        for d in install_once(&o, &me)? {
+            eprintln!("ferry-cni install: {d}");
+        }
+        return Ok(());
+    }
+    let stop = watch_sigterm();
+    let beat = heartbeat_path(&o);
     loop {
         match install_once(&o, &me) {
             Ok(did) => {
@@ -219,14 +319,36 @@ pub fn run(args: &[String]) -> Result<(), InstallError> {
                     eprintln!("ferry-cni install: {d}");
                 }
             }
-            Err(e) if o.watch => eprintln!("ferry-cni install: {e}; retrying"),
-            Err(e) => return Err(e),
+            Err(e) => eprintln!("ferry-cni install: {e}; retrying"),
         }
-        if !o.watch {
-            return Ok(());
+        let _ = std::fs::write(&beat, b"");
+        for _ in 0..50 {
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = std::fs::remove_file(&beat);
+                // Uninstalled (or the node drained): take ferry-cni out of the chain, or pods could
+                // not start without an agent. During a rolling update the new pod's installer keeps
+                // it.
+                if another_installer(&o, &beat) {
+                    eprintln!("ferry-cni install: stopping; another installer keeps the chain");
+                } else {
+                    for d in uninstall_once(&o)? {
+                        eprintln!("ferry-cni install: {d}");
+                    }
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_secs(5));
     }
+}
+
+/// `ferry-cni uninstall`: the chain entry goes, by hand.
+pub fn run_uninstall(args: &[String]) -> Result<(), InstallError> {
+    let o = Options::parse(args)?;
+    for d in uninstall_once(&o)? {
+        eprintln!("ferry-cni uninstall: {d}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -252,6 +374,12 @@ mod tests {
         assert_eq!(types, ["bridge", "portmap", "ferry-cni"]);
         assert_eq!(patched["name"], "k8s");
         assert_eq!(chained(&patched, &entry()).unwrap(), None, "idempotent");
+        assert_eq!(
+            unchained(&patched),
+            Some(conf.clone()),
+            "uninstall restores it"
+        );
+        assert_eq!(unchained(&conf), None);
     }
 
     #[test]

@@ -76,6 +76,13 @@ fn main() {
         }
         return;
     }
+    if args.first().map(String::as_str) == Some("uninstall") {
+        if let Err(e) = install::run_uninstall(&args[1..]) {
+            eprintln!("ferry-cni uninstall: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if args.first().map(String::as_str) == Some("--version") {
         println!("ferry-cni {}", env!("CARGO_PKG_VERSION"));
         return;

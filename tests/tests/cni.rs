@@ -252,3 +252,93 @@ fn chained_after_bridge_it_enrolls_on_add_unenrolls_on_del_and_fails_without_age
     assert!(ok, "{out}");
     Ok(())
 }
+
+/// The DaemonSet's installer: `ferry-cni install --watch` copies the plugin, chains it into the
+/// primary config, puts it back when the network plugin rewrites the config, and takes it out on
+/// SIGTERM — unless another installer (a rolling update's new pod) is running.
+#[test]
+fn the_installer_chains_rechains_and_unchains_on_termination() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("ferry-t-install-{}", std::process::id()));
+    let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
+    std::fs::create_dir_all(&bin)?;
+    std::fs::create_dir_all(&conf)?;
+    let primary = conf.join("10-bridge.conflist");
+    let original = json!({"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge"}]});
+    std::fs::write(&primary, original.to_string())?;
+    let types = || -> Vec<String> {
+        std::fs::read_to_string(&primary)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| {
+                v["plugins"].as_array().map(|a| {
+                    a.iter()
+                        .map(|p| p["type"].as_str().unwrap_or("").to_owned())
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let start = |name: &str| -> Result<Installer> {
+        let child = std::process::Command::new(ferry_cni_bin())
+            .args(["install", "--watch", "--bin-dir"])
+            .arg(&bin)
+            .arg("--conf-dir")
+            .arg(&conf)
+            .env("HOSTNAME", name)
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Installer(child))
+    };
+    // Removed also when an assertion panics.
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Dir(dir.clone());
+    let result = (|| -> Result<()> {
+        let mut first = start("agent-old")?;
+        assert!(eventually(Duration::from_secs(5), || types()
+            == ["bridge", "ferry-cni"]));
+        assert!(bin.join("ferry-cni").is_file());
+        // The network plugin rewrites its config: chained again within a pass.
+        std::fs::write(&primary, original.to_string())?;
+        assert!(eventually(Duration::from_secs(8), || types()
+            == ["bridge", "ferry-cni"]));
+        // A rolling update: a second installer runs; the first one stops and leaves the chain.
+        let mut second = start("agent-new")?;
+        std::thread::sleep(Duration::from_millis(500));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(first.0.id() as i32),
+            nix::sys::signal::SIGTERM,
+        )?;
+        assert!(first.0.wait()?.success());
+        assert_eq!(
+            types(),
+            ["bridge", "ferry-cni"],
+            "the new installer keeps the chain"
+        );
+        // Uninstall: the last installer stops and takes ferry-cni out.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(second.0.id() as i32),
+            nix::sys::signal::SIGTERM,
+        )?;
+        assert!(second.0.wait()?.success());
+        assert_eq!(types(), ["bridge"], "no ferry-cni left without an agent");
+        Ok(())
+    })();
+    result
+}
+
+/// An installer process, killed if the test ends (or panics) while it runs.
+struct Installer(std::process::Child);
+
+impl Drop for Installer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

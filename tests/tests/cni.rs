@@ -297,38 +297,35 @@ fn the_installer_chains_rechains_and_unchains_on_termination() -> Result<()> {
         }
     }
     let _cleanup = Dir(dir.clone());
-    let result = (|| -> Result<()> {
-        let mut first = start("agent-old")?;
-        assert!(eventually(Duration::from_secs(5), || types()
-            == ["bridge", "ferry-cni"]));
-        assert!(bin.join("ferry-cni").is_file());
-        // The network plugin rewrites its config: chained again within a pass.
-        std::fs::write(&primary, original.to_string())?;
-        assert!(eventually(Duration::from_secs(8), || types()
-            == ["bridge", "ferry-cni"]));
-        // A rolling update: a second installer runs; the first one stops and leaves the chain.
-        let mut second = start("agent-new")?;
-        std::thread::sleep(Duration::from_millis(500));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(first.0.id() as i32),
-            nix::sys::signal::SIGTERM,
-        )?;
-        assert!(first.0.wait()?.success());
-        assert_eq!(
-            types(),
-            ["bridge", "ferry-cni"],
-            "the new installer keeps the chain"
-        );
-        // Uninstall: the last installer stops and takes ferry-cni out.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(second.0.id() as i32),
-            nix::sys::signal::SIGTERM,
-        )?;
-        assert!(second.0.wait()?.success());
-        assert_eq!(types(), ["bridge"], "no ferry-cni left without an agent");
-        Ok(())
-    })();
-    result
+    let mut first = start("agent-old")?;
+    assert!(eventually(Duration::from_secs(5), || types()
+        == ["bridge", "ferry-cni"]));
+    assert!(bin.join("ferry-cni").is_file());
+    // The network plugin rewrites its config: chained again within a pass.
+    std::fs::write(&primary, original.to_string())?;
+    assert!(eventually(Duration::from_secs(8), || types()
+        == ["bridge", "ferry-cni"]));
+    // A rolling update: a second installer runs; the first one stops and leaves the chain.
+    let mut second = start("agent-new")?;
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.0.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )?;
+    assert!(first.0.wait()?.success());
+    assert_eq!(
+        types(),
+        ["bridge", "ferry-cni"],
+        "the new installer keeps the chain"
+    );
+    // Uninstall: the last installer stops and takes ferry-cni out.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.0.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )?;
+    assert!(second.0.wait()?.success());
+    assert_eq!(types(), ["bridge"], "no ferry-cni left without an agent");
+    Ok(())
 }
 
 /// An installer process, killed if the test ends (or panics) while it runs.

@@ -433,7 +433,7 @@ impl Metrics {
         }
     }
 
-    /// Records the Kubernetes API connection going up or down.
+    /// Records the Kubernetes API connection going up or down (a loss counts once).
     pub fn kube_api(&self, connected: bool) {
         let was = self.kube_api_connected.get() == 1;
         self.kube_api_connected.set(i64::from(connected));
@@ -1199,10 +1199,12 @@ mod tests {
             "ferry_inbound_plaintext_refused_total",
             "ferry_hbone_refused_total",
             "ferry_active_connections",
+            "ferry_kube_api_connected",
+            "ferry_kube_api_disconnects_total",
         ] {
             assert!(names.contains(&expected), "{expected} not registered");
         }
-        assert_eq!(families.len(), 14);
+        assert_eq!(families.len(), 16);
         for (family, labels) in &families {
             for label in labels {
                 assert!(
@@ -1239,5 +1241,28 @@ mod tests {
             assert!(types.contains_key(base), "undeclared {}", sample.name);
         }
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn a_lost_api_connection_counts_once_per_loss() {
+        let m = Metrics::new();
+        let value = |name: &str| {
+            m.encode()
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
+                .unwrap_or_default()
+        };
+        m.kube_api(false);
+        assert_eq!(
+            value("ferry_kube_api_disconnects_total"),
+            "0",
+            "never connected"
+        );
+        m.kube_api(true);
+        assert_eq!(value("ferry_kube_api_connected"), "1");
+        m.kube_api(false);
+        m.kube_api(false);
+        assert_eq!(value("ferry_kube_api_connected"), "0");
+        assert_eq!(value("ferry_kube_api_disconnects_total"), "1");
     }
 }

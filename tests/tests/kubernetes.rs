@@ -317,6 +317,50 @@ fn a_lost_api_keeps_the_last_state_shows_it_and_resumes() -> Result<()> {
     Ok(())
 }
 
+/// An agent that starts while the API is unreachable enrolls nothing and is not ready (a rolling
+/// update keeps the previous agent), then catches up once the API answers.
+#[test]
+fn an_agent_starting_without_the_api_waits_for_its_first_list() -> Result<()> {
+    let mut world = World::new()?;
+    let node = world.add_node("n1", 1, false)?;
+    let api = FakeApi::start(&node)?;
+    api.put_namespace("shop", &[(MESH, "enabled")]);
+    let uid = "7d1e2f30-cccc-4d5e-9f60-000000000001";
+    let a = world.add_pod_in(
+        &node,
+        "a",
+        10,
+        "shop",
+        "default",
+        systemd_burstable(&node, uid),
+    )?;
+    run_in(&world, &a)?;
+    api.put_pod(pod_object(&a, uid, &[], "Burstable", false));
+    world.write_config(&node, &kube_config(&api, &node, "systemd")?)?;
+    api.go_down();
+    let agent = world.start_agent(&node)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, body) = node.http_get("/readyz")?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("Kubernetes API"), "{body}");
+    let status = node.cli(&["status"])?;
+    assert_eq!(status["kubernetes"]["synced"], false, "{status}");
+    assert_eq!(status["enrolled_pods"], 0, "{status}");
+    assert!(
+        !captured(&agent, &a)?,
+        "nothing enrolled before the first list"
+    );
+    api.resume();
+    wait_enrolled(&node, "shop/a", true)?;
+    assert!(eventually(Duration::from_secs(10), || {
+        node.http_get("/readyz")
+            .map(|(c, _)| c == 200)
+            .unwrap_or(false)
+    }));
+    assert!(captured(&agent, &a)?);
+    Ok(())
+}
+
 fn metric(node: &Node, name: &str) -> Result<f64> {
     let (code, body) = node.http_get("/metrics")?;
     assert_eq!(code, 200);

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod identity;
+#[cfg(feature = "kubernetes")]
 pub mod kube;
 pub mod netns;
 pub mod policy;

@@ -56,8 +56,8 @@ pub enum DaemonError {
         workload: String,
         source: crate::identity::SpiffeIdError,
     },
-    #[error(transparent)]
-    Kube(#[from] crate::kube::KubeError),
+    #[error("{0}")]
+    Kube(String),
     #[error("TLS for {workload}: {source}")]
     Tls {
         workload: String,
@@ -205,10 +205,9 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
                 // pod's containers start captured, then say how the pod stands.
                 daemon.apply(source.poll(), &view);
                 daemon.reconcile();
-                let _ = job.reply.send(crate::kube::cni::Enrollment {
-                    enrolled: daemon.pods.contains_key(&job.key),
-                    error: daemon.failing.get(&job.key).cloned(),
-                });
+                let enrolled = daemon.pods.contains_key(job.key());
+                let error = daemon.failing.get(job.key()).cloned();
+                job.answer(enrolled, error);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -234,8 +233,8 @@ fn socket_file_id(path: &Path) -> Option<(u64, u64)> {
 
 /// The next CNI request, or never without a Kubernetes source.
 async fn next_job(
-    jobs: &mut Option<tokio::sync::mpsc::Receiver<crate::kube::CniJob>>,
-) -> Option<crate::kube::CniJob> {
+    jobs: &mut Option<tokio::sync::mpsc::Receiver<source::CniJob>>,
+) -> Option<source::CniJob> {
     match jobs {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -8,8 +8,39 @@ use super::DaemonError;
 use crate::{
     admin::Metrics,
     config::{NodeConfig, WorkloadSet, WorkloadSource},
-    kube::{CniJob, KubeSource, Shared},
 };
+
+#[cfg(feature = "kubernetes")]
+use crate::kube::KubeSource;
+#[cfg(feature = "kubernetes")]
+pub use crate::kube::{CniJob, Shared as KubeState};
+#[cfg(not(feature = "kubernetes"))]
+pub use without_kubernetes::{CniJob, KubeState};
+
+/// A build without the `kubernetes` feature (the fuzz targets): no Kubernetes source can exist, so
+/// its types are uninhabited and the daemon's code for them compiles to nothing.
+#[cfg(not(feature = "kubernetes"))]
+mod without_kubernetes {
+    use crate::admin::api::KubeStatus;
+
+    pub enum CniJob {}
+    pub enum KubeState {}
+
+    impl CniJob {
+        pub fn key(&self) -> &str {
+            match *self {}
+        }
+        pub fn answer(self, _enrolled: bool, _error: Option<String>) {
+            match self {}
+        }
+    }
+
+    impl KubeState {
+        pub fn status(&self) -> KubeStatus {
+            match *self {}
+        }
+    }
+}
 
 pub enum Source {
     File {
@@ -18,6 +49,7 @@ pub enum Source {
         /// The text last seen, good or bad: a bad file is reported once, not on every tick.
         text: String,
     },
+    #[cfg(feature = "kubernetes")]
     Kube(KubeSource),
 }
 
@@ -46,8 +78,18 @@ impl Source {
                 };
                 Ok((source, Some(set), None))
             }
+            #[cfg(not(feature = "kubernetes"))]
+            WorkloadSource::Kubernetes(_) => {
+                let _ = metrics;
+                Err(DaemonError::Kube(
+                    "the node config has a kubernetes section, but this ferry was built without the kubernetes feature".into(),
+                ))
+            }
+            #[cfg(feature = "kubernetes")]
             WorkloadSource::Kubernetes(k) => {
-                let (source, jobs) = KubeSource::start(cfg, k, metrics).await?;
+                let (source, jobs) = KubeSource::start(cfg, k, metrics)
+                    .await
+                    .map_err(|e| DaemonError::Kube(e.to_string()))?;
                 tracing::info!(
                     kubepods_cgroup = %k.kubepods_cgroup.display(),
                     cni_socket = %k.cni_socket.display(),
@@ -75,12 +117,14 @@ impl Source {
                     Update::Unchanged
                 }
             },
+            #[cfg(feature = "kubernetes")]
             Source::Kube(k) => k.poll().map_or(Update::Unchanged, Update::Changed),
         }
     }
 
-    pub fn kube(&self) -> Option<Arc<Shared>> {
+    pub fn kube(&self) -> Option<Arc<KubeState>> {
         match self {
+            #[cfg(feature = "kubernetes")]
             Source::Kube(k) => Some(k.shared.clone()),
             Source::File { .. } => None,
         }

@@ -28,7 +28,7 @@ pub struct AgentView {
     pub generation: AtomicU64,
     pub last_reload: Mutex<Option<ReloadStatus>>,
     /// The Kubernetes source's state, when the workloads come from the API.
-    pub kube: Option<Arc<crate::kube::Shared>>,
+    pub kube: Option<Arc<super::source::KubeState>>,
 }
 
 pub fn unix(t: SystemTime) -> u64 {

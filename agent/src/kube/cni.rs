@@ -25,6 +25,18 @@ pub struct CniJob {
     pub reply: oneshot::Sender<Enrollment>,
 }
 
+impl CniJob {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Tells the waiting request how the pod stands (it may have given up waiting: then nobody
+    /// listens, which is fine).
+    pub fn answer(self, enrolled: bool, error: Option<String>) {
+        let _ = self.reply.send(Enrollment { enrolled, error });
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Enrollment {
     pub enrolled: bool,

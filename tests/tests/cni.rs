@@ -209,7 +209,9 @@ fn chained_after_bridge_it_enrolls_on_add_unenrolls_on_del_and_fails_without_age
         Duration::from_secs(2),
     )?;
     let _ = dial(pod.command(testapp()), NOWHERE.parse()?, "after")?;
-    std::thread::sleep(Duration::from_millis(500));
+    // The dial failed at once (no route); had it been captured, its access line would be written
+    // within milliseconds of that.
+    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(captured_count(&agent, key), 1, "not captured after DEL");
     // CHECK answers honestly: the pod must be meshed and is not enrolled.
     let (ok, out) = call.run(&ferry_cni_bin(), "CHECK", &ferry_conf(&socket, &prev))?;

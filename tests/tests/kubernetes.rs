@@ -51,7 +51,7 @@ fn wait_enrolled(node: &Node, key: &str, want: bool) -> Result<()> {
 fn captured(agent: &Agent, pod: &Pod) -> Result<bool> {
     let before = count_nowhere(agent, pod);
     let _ = dial(pod.command(testapp()), NOWHERE.parse()?, "x")?;
-    Ok(eventually(Duration::from_secs(3), || {
+    Ok(eventually(Duration::from_secs(5), || {
         count_nowhere(agent, pod) > before
     }))
 }

@@ -274,4 +274,36 @@ mod tests {
         assert_eq!(lines[1], "long-value  x");
         assert_eq!(lines[2], "s           y");
     }
+
+    #[test]
+    fn status_shows_a_lost_kubernetes_api_and_what_is_served() {
+        let data = serde_json::json!({
+            "node": "n1", "ready": true,
+            "kubernetes": {"connected": false, "since": 0, "last_error": "connection refused",
+                           "disconnects": 2, "synced": true, "pods": 12, "namespaces": 3,
+                           "waiting_for_netns": 1}
+        });
+        let out = render(&Request::Status, &data);
+        let api = out
+            .lines()
+            .find(|l| l.starts_with("kubernetes api"))
+            .unwrap();
+        assert!(api.contains("DISCONNECTED"), "{api}");
+        assert!(
+            api.contains("last known state") && api.contains("2 disconnects"),
+            "{api}"
+        );
+        assert!(api.ends_with(": connection refused"), "{api}");
+        let pods = out
+            .lines()
+            .find(|l| l.starts_with("kubernetes pods"))
+            .unwrap();
+        assert!(
+            pods.contains("12 pods, 3 namespaces, 1 waiting for their netns"),
+            "{pods}"
+        );
+        // Without a Kubernetes source the lines are absent.
+        let plain = render(&Request::Status, &serde_json::json!({"node": "n1"}));
+        assert!(!plain.contains("kubernetes"), "{plain}");
+    }
 }

@@ -219,8 +219,20 @@ fn check_archive(archive: &Path) -> Result<()> {
         printed.trim(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
+    // The CNI plugin the install-cni container copies onto the host.
+    let cni = rootfs.join("usr/local/bin/ferry-cni");
+    let out = Command::new(&cni)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", cni.display()))?;
+    let cni_expected = concat!("ferry-cni ", env!("CARGO_PKG_VERSION"));
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == cni_expected,
+        "the image's ferry-cni printed {:?} (expected {cni_expected:?})",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
     eprintln!(
-        "xtask: the archive holds {} layer(s); its {entrypoint} runs: {expected}",
+        "xtask: the archive holds {} layer(s); its {entrypoint} runs: {expected}; ferry-cni runs",
         layers.len()
     );
     Ok(())

@@ -25,6 +25,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod kube_api;
+
 pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
 pub const BPFFS: &str = "/sys/fs/bpf";
 const PREFIX: &str = "ferry-t";
@@ -84,6 +86,11 @@ fn workspace_bin(env: &str, name: &str) -> PathBuf {
             exe.display()
         ),
     }
+}
+
+/// The chained CNI plugin under test.
+pub fn ferry_cni_bin() -> PathBuf {
+    workspace_bin("FERRY_CNI", "ferry-cni")
 }
 
 /// The agent binary under test.
@@ -356,6 +363,8 @@ pub struct NodeOptions {
     pub workload_ttl: Option<&'static str>,
     pub inbound: Option<&'static str>,
     pub outbound_unknown: Option<&'static str>,
+    /// A `kubernetes:` section (flow YAML) instead of the workloads file.
+    pub kubernetes: Option<String>,
     pub extra: String,
 }
 
@@ -553,6 +562,21 @@ impl World {
         namespace: &str,
         sa: &str,
     ) -> Result<Pod> {
+        let cgroup = node.cgroup_root.join(format!("pod-{name}"));
+        self.add_pod_in(node, name, host, namespace, sa, cgroup)
+    }
+
+    /// A pod whose cgroup is `cgroup` (below the node's cgroup root), e.g. where the kubelet would put
+    /// it.
+    pub fn add_pod_in(
+        &mut self,
+        node: &Node,
+        name: &str,
+        host: u8,
+        namespace: &str,
+        sa: &str,
+        cgroup: PathBuf,
+    ) -> Result<Pod> {
         let netns = format!("{}-{}-{name}", self.id, node.name);
         self.add_netns(&netns)?;
         let host_if = format!("p{}", self.pods.len());
@@ -570,7 +594,6 @@ impl World {
         )?;
         ip(&netns, &format!("route add default via 198.18.{s}.1"))?;
         ip(&netns, &format!("-6 route add default via 2001:db8:{s}::1"))?;
-        let cgroup = node.cgroup_root.join(format!("pod-{name}"));
         let app_cgroup = cgroup.join("app");
         fs::create_dir_all(&app_cgroup)?;
         let pod = Pod {
@@ -588,6 +611,14 @@ impl World {
         Ok(pod)
     }
 
+    /// An empty netns (only `lo` up) on `node` for a pod whose network a CNI plugin sets up; removed
+    /// with the world. Returns its name (under `/var/run/netns`).
+    pub fn add_pod_netns(&self, node: &Node, name: &str) -> Result<String> {
+        let netns = format!("{}-{}-{name}", self.id, node.name);
+        self.add_netns(&netns)?;
+        Ok(netns)
+    }
+
     /// A cgroup below `node`'s cgroup root that is not a pod's.
     pub fn unenrolled_cgroup(&self, node: &Node, name: &str) -> Result<PathBuf> {
         let p = node.cgroup_root.join(name);
@@ -597,12 +628,16 @@ impl World {
 
     pub fn write_config(&self, node: &Node, opts: &NodeOptions) -> Result<()> {
         let text = format!(
-            "node: {}\npolicies: policies\nadmin: {{socket: admin.sock}}\nhandoff_socket: handoff.sock\ndrain_deadline: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\nworkloads: workloads.yaml\ninbound: {}\noutbound_unknown: {}\n{}",
+            "node: {}\npolicies: policies\nadmin: {{socket: admin.sock}}\nhandoff_socket: handoff.sock\ndrain_deadline: {}\ntrust_domain: {TRUST_DOMAIN}\ncertificates: {{dir: certs, workload_ttl: {}}}\nbpffs_root: {}\ncgroup_root: {}\n{}\ninbound: {}\noutbound_unknown: {}\n{}",
             node.name,
             opts.drain_deadline.unwrap_or("5s"),
             opts.workload_ttl.unwrap_or("24h"),
             node.bpffs_root.display(),
             node.cgroup_root.display(),
+            match &opts.kubernetes {
+                Some(k) => format!("kubernetes: {k}"),
+                None => "workloads: workloads.yaml".into(),
+            },
             opts.inbound.unwrap_or("permissive"),
             opts.outbound_unknown.unwrap_or("passthrough"),
             opts.extra,

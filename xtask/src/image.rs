@@ -59,7 +59,16 @@ fn ensure_buildah() -> Result<()> {
 /// Builds the agent for [`TARGET`] with the C runtime linked in, and checks that it is static.
 fn build_static(root: &Path) -> Result<PathBuf> {
     let mut cmd = crate::cargo(root);
-    cmd.args(["build", "--release", "-p", "ferry", "--target", TARGET]);
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "ferry",
+        "-p",
+        "ferry-cni",
+        "--target",
+        TARGET,
+    ]);
     // Per target rather than RUSTFLAGS: with --target, RUSTFLAGS would also reach the nested cargo
     // that builds the eBPF object for bpfel-unknown-none, where crt-static means nothing.
     cmd.env(
@@ -71,12 +80,15 @@ fn build_static(root: &Path) -> Result<PathBuf> {
         .join(TARGET)
         .join("release")
         .join("ferry");
-    let elf = std::fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
-    ensure!(
-        !has_interpreter(&elf)?,
-        "{} is dynamically linked (it has a program interpreter): a FROM scratch image could not run it",
-        binary.display()
-    );
+    // ferry-cni runs on the host, whatever its libc: static like the agent.
+    for bin in [binary.clone(), binary.with_file_name("ferry-cni")] {
+        let elf = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+        ensure!(
+            !has_interpreter(&elf)?,
+            "{} is dynamically linked (it has a program interpreter): a FROM scratch image could not run it",
+            bin.display()
+        );
+    }
     Ok(binary)
 }
 
@@ -108,6 +120,11 @@ fn build_and_push(root: &Path, binary: &Path, archive: &Path) -> Result<()> {
     let context = TempDir::new("ferry-image-context")?;
     std::fs::copy(binary, context.0.join("ferry"))
         .with_context(|| format!("copying {}", binary.display()))?;
+    // The chained CNI plugin, built beside the agent (same target, same static C runtime): the
+    // DaemonSet's install-cni container copies it onto the host.
+    let cni = binary.with_file_name("ferry-cni");
+    std::fs::copy(&cni, context.0.join("ferry-cni"))
+        .with_context(|| format!("copying {}", cni.display()))?;
     if archive.exists() {
         std::fs::remove_file(archive)
             .with_context(|| format!("removing the old {}", archive.display()))?;
@@ -202,8 +219,20 @@ fn check_archive(archive: &Path) -> Result<()> {
         printed.trim(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
+    // The CNI plugin the install-cni container copies onto the host.
+    let cni = rootfs.join("usr/local/bin/ferry-cni");
+    let out = Command::new(&cni)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", cni.display()))?;
+    let cni_expected = concat!("ferry-cni ", env!("CARGO_PKG_VERSION"));
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == cni_expected,
+        "the image's ferry-cni printed {:?} (expected {cni_expected:?})",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
     eprintln!(
-        "xtask: the archive holds {} layer(s); its {entrypoint} runs: {expected}",
+        "xtask: the archive holds {} layer(s); its {entrypoint} runs: {expected}; ferry-cni runs",
         layers.len()
     );
     Ok(())

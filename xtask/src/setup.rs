@@ -61,6 +61,12 @@ fn check_prerequisites() -> Result<()> {
             break;
         }
     }
+    // The reference CNI plugins (bridge, host-local) that the ferry-cni end-to-end test chains
+    // ferry-cni after, as a runtime would.
+    if !Path::new("/usr/lib/cni/bridge").exists() || !Path::new("/usr/lib/cni/host-local").exists()
+    {
+        apt_install(&["containernetworking-plugins"])?;
+    }
     Ok(())
 }
 

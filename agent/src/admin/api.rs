@@ -54,6 +54,26 @@ pub struct Status {
     pub config_generation: u64,
     pub last_reload: Option<ReloadStatus>,
     pub capture_counters: BTreeMap<String, u64>,
+    /// Present when the workloads come from the Kubernetes API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeStatus>,
+}
+
+/// The Kubernetes workload source: API connection and what the agent knows.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct KubeStatus {
+    /// Both watches (pods, namespaces) connected; while not, the last known state is served.
+    pub connected: bool,
+    /// Unix seconds of the last change of `connected`.
+    pub since: u64,
+    pub last_error: Option<String>,
+    pub disconnects: u64,
+    /// The first complete list of pods and namespaces has arrived (nothing is enrolled before).
+    pub synced: bool,
+    pub pods: usize,
+    pub namespaces: usize,
+    /// Meshed pods of this node whose netns is not known yet (no CNI ADD, no process).
+    pub waiting_for_netns: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

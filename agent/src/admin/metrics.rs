@@ -256,6 +256,8 @@ pub struct Metrics {
     plaintext_refused: IntCounter,
     hbone_refused: IntCounterVec,
     active_connections: IntGaugeVec,
+    kube_api_connected: IntGauge,
+    kube_api_disconnects: IntCounter,
 }
 
 /// Handshakes take around a millisecond on a quiet loopback and seconds when a peer or the CPU is
@@ -361,6 +363,17 @@ impl Metrics {
             &["direction"],
         )
         .expect("valid gauge definition");
+        let kube_api_connected = IntGauge::new(
+            "ferry_kube_api_connected",
+            "1 while the Kubernetes pod and namespace watches are connected, 0 while the agent serves \
+             the last known state (only with a kubernetes workload source).",
+        )
+        .expect("valid gauge definition");
+        let kube_api_disconnects = IntCounter::new(
+            "ferry_kube_api_disconnects_total",
+            "Times the Kubernetes API connection was lost.",
+        )
+        .expect("valid counter definition");
         let capture_source = Arc::new(RwLock::new(None));
         let capture = CaptureCollector::new(capture_source.clone());
 
@@ -378,6 +391,8 @@ impl Metrics {
         reg(Box::new(plaintext_refused.clone()));
         reg(Box::new(hbone_refused.clone()));
         reg(Box::new(active_connections.clone()));
+        reg(Box::new(kube_api_connected.clone()));
+        reg(Box::new(kube_api_disconnects.clone()));
 
         // Series of fixed label sets exist from the start at zero, so `rate()` and absence alerts work
         // from the first scrape instead of from the first event.
@@ -413,6 +428,17 @@ impl Metrics {
             plaintext_refused,
             hbone_refused,
             active_connections,
+            kube_api_connected,
+            kube_api_disconnects,
+        }
+    }
+
+    /// Records the Kubernetes API connection going up or down (a loss counts once).
+    pub fn kube_api(&self, connected: bool) {
+        let was = self.kube_api_connected.get() == 1;
+        self.kube_api_connected.set(i64::from(connected));
+        if was && !connected {
+            self.kube_api_disconnects.inc();
         }
     }
 
@@ -1173,10 +1199,12 @@ mod tests {
             "ferry_inbound_plaintext_refused_total",
             "ferry_hbone_refused_total",
             "ferry_active_connections",
+            "ferry_kube_api_connected",
+            "ferry_kube_api_disconnects_total",
         ] {
             assert!(names.contains(&expected), "{expected} not registered");
         }
-        assert_eq!(families.len(), 14);
+        assert_eq!(families.len(), 16);
         for (family, labels) in &families {
             for label in labels {
                 assert!(
@@ -1213,5 +1241,28 @@ mod tests {
             assert!(types.contains_key(base), "undeclared {}", sample.name);
         }
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn a_lost_api_connection_counts_once_per_loss() {
+        let m = Metrics::new();
+        let value = |name: &str| {
+            m.encode()
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
+                .unwrap_or_default()
+        };
+        m.kube_api(false);
+        assert_eq!(
+            value("ferry_kube_api_disconnects_total"),
+            "0",
+            "never connected"
+        );
+        m.kube_api(true);
+        assert_eq!(value("ferry_kube_api_connected"), "1");
+        m.kube_api(false);
+        m.kube_api(false);
+        assert_eq!(value("ferry_kube_api_connected"), "0");
+        assert_eq!(value("ferry_kube_api_disconnects_total"), "1");
     }
 }

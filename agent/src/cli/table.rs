@@ -109,6 +109,43 @@ pub fn render(request: &Request, data: &Value) -> String {
                 )
             };
             out += &kv("last reload", last);
+            let k = &data["kubernetes"];
+            if !k.is_null() {
+                let api = if k["connected"].as_bool() == Some(true) {
+                    format!(
+                        "connected {}",
+                        k["since"].as_u64().map(ago).unwrap_or_default()
+                    )
+                } else {
+                    format!(
+                        "DISCONNECTED {} (serving the last known state; {} disconnects){}",
+                        k["since"].as_u64().map(ago).unwrap_or_default(),
+                        s(&k["disconnects"]),
+                        k["last_error"]
+                            .as_str()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    )
+                };
+                out += &kv("kubernetes api", api);
+                out += &kv(
+                    "kubernetes pods",
+                    format!(
+                        "{} pods, {} namespaces{}{}",
+                        s(&k["pods"]),
+                        s(&k["namespaces"]),
+                        if k["synced"].as_bool() == Some(true) {
+                            ""
+                        } else {
+                            " (not listed yet)"
+                        },
+                        match k["waiting_for_netns"].as_u64() {
+                            Some(n) if n > 0 => format!(", {n} waiting for their netns"),
+                            _ => String::new(),
+                        }
+                    ),
+                );
+            }
             if let Some(c) = data["capture_counters"].as_object() {
                 let counters: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 out += &kv("capture counters", counters.join(" "));
@@ -236,5 +273,37 @@ mod tests {
         assert_eq!(lines[0], "A           B");
         assert_eq!(lines[1], "long-value  x");
         assert_eq!(lines[2], "s           y");
+    }
+
+    #[test]
+    fn status_shows_a_lost_kubernetes_api_and_what_is_served() {
+        let data = serde_json::json!({
+            "node": "n1", "ready": true,
+            "kubernetes": {"connected": false, "since": 0, "last_error": "connection refused",
+                           "disconnects": 2, "synced": true, "pods": 12, "namespaces": 3,
+                           "waiting_for_netns": 1}
+        });
+        let out = render(&Request::Status, &data);
+        let api = out
+            .lines()
+            .find(|l| l.starts_with("kubernetes api"))
+            .unwrap();
+        assert!(api.contains("DISCONNECTED"), "{api}");
+        assert!(
+            api.contains("last known state") && api.contains("2 disconnects"),
+            "{api}"
+        );
+        assert!(api.ends_with(": connection refused"), "{api}");
+        let pods = out
+            .lines()
+            .find(|l| l.starts_with("kubernetes pods"))
+            .unwrap();
+        assert!(
+            pods.contains("12 pods, 3 namespaces, 1 waiting for their netns"),
+            "{pods}"
+        );
+        // Without a Kubernetes source the lines are absent.
+        let plain = render(&Request::Status, &serde_json::json!({"node": "n1"}));
+        assert!(!plain.contains("kubernetes"), "{plain}");
     }
 }

@@ -1,9 +1,11 @@
 //! Node-local configuration: the node config file and the workloads file, parsed once into validated
 //! types. Parse errors name the file, the line and the field; a bad file never replaces a good one
 //! (callers keep the last good value).
+mod kubernetes;
 mod node;
 mod workloads;
 
+pub use kubernetes::{CgroupDriver, KubernetesConfig, WorkloadSource};
 pub(crate) use node::parse_duration;
 pub use node::{
     AdminConfig, CaptureConfig, CertificatesConfig, InboundMode, NodeConfig, OutboundUnknown, Ports,

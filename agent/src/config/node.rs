@@ -3,7 +3,11 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::{ConfigError, parse_yaml, read_file};
+use super::{
+    ConfigError,
+    kubernetes::{KubernetesConfig, RawKubernetes, WorkloadSource},
+    parse_yaml, read_file,
+};
 use crate::identity::TrustDomain;
 
 /// What the agent does with inbound plaintext connections from outside the mesh.
@@ -147,9 +151,13 @@ struct RawNodeConfig {
     bpffs_root: PathBuf,
     #[serde(default = "default_cgroup_root")]
     cgroup_root: PathBuf,
-    workloads: PathBuf,
+    workloads: Option<PathBuf>,
+    kubernetes: Option<RawKubernetes>,
     #[serde(default)]
     inbound: InboundMode,
+    /// Plaintext sources delivered even in strict mode: the kubelet's probes.
+    #[serde(default)]
+    probe_sources: Vec<IpNet>,
     #[serde(default)]
     outbound_unknown: OutboundUnknown,
     #[serde(default)]
@@ -186,8 +194,11 @@ pub struct NodeConfig {
     pub certificates: Option<CertificatesConfig>,
     pub bpffs_root: PathBuf,
     pub cgroup_root: PathBuf,
-    pub workloads: PathBuf,
+    pub workloads: WorkloadSource,
     pub inbound: InboundMode,
+    /// Sources whose plaintext connections reach the app even in strict mode: the node's address as
+    /// the pod sees it, where the kubelet's probes come from.
+    pub probe_sources: Vec<IpNet>,
     pub outbound_unknown: OutboundUnknown,
     pub ports: Ports,
     pub capture: CaptureConfig,
@@ -241,6 +252,27 @@ impl NodeConfig {
                 "trust_domain and certificates go together: mesh traffic needs both".into(),
             ));
         }
+        let workloads = match (raw.workloads, raw.kubernetes) {
+            (Some(file), None) => WorkloadSource::File(abs(file)),
+            (None, Some(k)) => WorkloadSource::Kubernetes(KubernetesConfig::validate(
+                path,
+                k,
+                &raw.cgroup_root,
+                abs,
+            )?),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "workloads",
+                    "give either a workloads file or a kubernetes section, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "workloads",
+                    "missing: give a workloads file or a kubernetes section".into(),
+                ));
+            }
+        };
         let certificates = raw.certificates.map(|c| CertificatesConfig {
             dir: abs(c.dir),
             ..c
@@ -260,8 +292,9 @@ impl NodeConfig {
             certificates,
             bpffs_root: raw.bpffs_root,
             cgroup_root: raw.cgroup_root,
-            workloads: abs(raw.workloads),
+            workloads,
             inbound: raw.inbound,
+            probe_sources: raw.probe_sources,
             outbound_unknown: raw.outbound_unknown,
             ports: raw.ports,
             capture: raw.capture,
@@ -311,7 +344,10 @@ mod tests {
     #[test]
     fn minimal_file_gets_defaults_and_resolves_relative_paths() {
         let c = parse("node: n1\nworkloads: workloads.yaml\n").unwrap();
-        assert_eq!(c.workloads, PathBuf::from("/etc/ferry/workloads.yaml"));
+        assert_eq!(
+            c.workloads,
+            WorkloadSource::File(PathBuf::from("/etc/ferry/workloads.yaml"))
+        );
         assert_eq!(c.bpffs_root, PathBuf::from("/sys/fs/bpf/ferry"));
         assert_eq!(c.inbound, InboundMode::Strict);
         assert_eq!(c.ports.hbone, 15008);
@@ -384,7 +420,14 @@ mod tests {
         let ds_text = std::fs::read_to_string(deploy.join("daemonset.yaml")).unwrap();
         assert!(c.handoff_socket.starts_with("/run/ferry"));
         assert!(ds_text.contains("mountPath: /run/ferry") && ds_text.contains("path: /run/ferry"));
-        assert_eq!(c.workloads, PathBuf::from("/etc/ferry/workloads.yaml"));
+        let WorkloadSource::Kubernetes(k) = &c.workloads else {
+            panic!("the shipped config watches the API: {:?}", c.workloads)
+        };
+        assert_eq!(k.kubeconfig, None, "in-cluster");
+        assert_eq!(k.kubepods_cgroup, c.cgroup_root);
+        // The CNI socket is on the hostPath the DaemonSet mounts, where the plugin on the host
+        // finds it.
+        assert!(k.cni_socket.starts_with("/run/ferry"), "{k:?}");
         assert_eq!(
             c.certificates.unwrap().dir,
             PathBuf::from("/etc/ferry/certs")
@@ -398,6 +441,48 @@ mod tests {
             "drain_deadline {:?} must end before the kubelet kills the agent ({grace}s)",
             c.drain_deadline
         );
+    }
+
+    #[test]
+    fn a_kubernetes_section_replaces_the_workloads_file_and_is_validated() {
+        let c = parse(
+            "node: n1\ncgroup_root: /sys/fs/cgroup\nkubernetes: {cgroup_driver: cgroupfs}\nprobe_sources: [10.244.1.1/32]\n",
+        )
+        .unwrap();
+        let WorkloadSource::Kubernetes(k) = &c.workloads else {
+            panic!("{:?}", c.workloads)
+        };
+        assert_eq!(k.kubepods_cgroup, PathBuf::from("/sys/fs/cgroup/kubepods"));
+        assert_eq!(k.cni_socket, PathBuf::from("/run/ferry/cni.sock"));
+        assert!(k.kubeconfig.is_none(), "in-cluster by default");
+        assert_eq!(c.probe_sources.len(), 1);
+        // Attached at the kubelet's own pods cgroup: that is the pods cgroup.
+        let c = parse(
+            "node: n1\ncgroup_root: /sys/fs/cgroup/kubepods.slice\nkubernetes: {kubeconfig: kc}\n",
+        )
+        .unwrap();
+        let WorkloadSource::Kubernetes(k) = &c.workloads else {
+            panic!("{:?}", c.workloads)
+        };
+        assert_eq!(
+            k.kubepods_cgroup,
+            PathBuf::from("/sys/fs/cgroup/kubepods.slice")
+        );
+        assert_eq!(k.kubeconfig, Some(PathBuf::from("/etc/ferry/kc")));
+        for (text, needle) in [
+            ("node: n1\nworkloads: w\nkubernetes: {}\n", "not both"),
+            ("node: n1\n", "workloads"),
+            ("node: n1\nkubernetes: {cgroup_driver: docker}\n", "line 2"),
+            (
+                "node: n1\nkubernetes: {kubepods_cgroup: /elsewhere}\n",
+                "kubernetes.kubepods_cgroup",
+            ),
+            ("node: n1\nkubernetes: {watch: true}\n", "watch"),
+            ("node: n1\nworkloads: w\nprobe_sources: [node]\n", "line 3"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 
     #[test]

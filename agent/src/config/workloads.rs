@@ -153,6 +153,31 @@ impl WorkloadSet {
         Ok(set)
     }
 
+    /// A set from workloads another source already validated (the Kubernetes API): a workload whose
+    /// name or an address is already taken is left out, and named in the returned list.
+    pub fn from_workloads(workloads: Vec<Workload>) -> (Self, Vec<String>) {
+        let mut set = WorkloadSet::default();
+        let mut keys = std::collections::HashSet::new();
+        let mut skipped = Vec::new();
+        for w in workloads {
+            let i = set.workloads.len();
+            let taken = w.ips.iter().find(|ip| set.by_ip.contains_key(ip));
+            if let Some(ip) = taken {
+                skipped.push(format!("{}: {ip} is also another workload's", w.key()));
+                continue;
+            }
+            if !keys.insert(w.key()) {
+                skipped.push(format!("{}: listed twice", w.key()));
+                continue;
+            }
+            for ip in &w.ips {
+                set.by_ip.insert(*ip, i);
+            }
+            set.workloads.push(w);
+        }
+        (set, skipped)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Workload> {
         self.workloads.iter()
     }

@@ -13,8 +13,10 @@ use tokio::{
     task::JoinHandle,
 };
 
+mod source;
 mod view;
 
+use source::{Source, Update};
 use view::AgentView;
 
 use crate::{
@@ -59,6 +61,8 @@ pub enum DaemonError {
         workload: String,
         source: crate::identity::SpiffeIdError,
     },
+    #[error("{0}")]
+    Kube(String),
     #[error("TLS for {workload}: {source}")]
     Tls {
         workload: String,
@@ -135,9 +139,8 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
         }
         _ => None,
     };
-    let mut workloads_text = crate::config::read_file(&cfg.workloads)?;
-    let workloads = WorkloadSet::parse(&cfg.workloads, &workloads_text, &cfg.node)?;
     let metrics = Arc::new(Metrics::new());
+    let (mut source, workloads, mut cni_jobs) = Source::open(&cfg, metrics.clone()).await?;
     {
         let capture = capture.clone();
         metrics.set_capture_source(Box::new(move || {
@@ -149,7 +152,6 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
         }));
     }
     let mesh = Arc::new(Mesh::new(&cfg, capture.clone(), certs, metrics));
-    mesh.set_workloads(Arc::new(workloads.clone()));
     let mut policy_watch = PolicyWatch::default();
     if let Some(dir) = &cfg.policies {
         let loaded = PolicySet::load_dir(dir, &cfg.root_namespace)?;
@@ -166,6 +168,7 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
         ready: std::sync::atomic::AtomicBool::new(false),
         generation: std::sync::atomic::AtomicU64::new(1),
         last_reload: std::sync::Mutex::new(None),
+        kube: source.kube(),
     });
     let socket = admin::socket::bind(&cfg.admin.socket).map_err(|e| DaemonError::Admin {
         what: format!("binding the admin socket {}", cfg.admin.socket.display()),
@@ -178,6 +181,28 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
     if startup.view.set(view.clone()).is_err() {
         tracing::warn!("admin view set twice");
     }
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    // Without a first set (the Kubernetes API has not answered yet) there is nothing to enroll:
+    // pinned enrollments of a previous agent stay, so their pods fail closed instead of leaking, and
+    // a running predecessor is not asked for its listeners, since they would all be closed here.
+    let workloads = match workloads {
+        Some(set) => set,
+        None => {
+            let mut wait = tokio::time::interval(RELOAD_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = wait.tick() => {
+                        if let Update::Changed(set) = source.poll() {
+                            break set;
+                        }
+                    }
+                    _ = term.recv() => return Ok(()),
+                    _ = int.recv() => return Ok(()),
+                }
+            }
+        }
+    };
     // A running predecessor passes its listeners over; nobody answering means a fresh start.
     let handoff_path = cfg.handoff_socket.clone();
     let this_node = handoff::Node {
@@ -197,10 +222,11 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
         mesh,
         pods: HashMap::new(),
         failing: HashMap::new(),
-        workloads: Arc::new(workloads),
+        workloads: Arc::new(WorkloadSet::default()),
         inflight: Arc::new(()),
         incoming,
     };
+    daemon.set_workloads(workloads);
     daemon.reconcile();
     if let Some(incoming) = daemon.incoming.take() {
         // Listeners of pods this agent did not take are closed with `incoming`.
@@ -224,8 +250,6 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
     view.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(pods = daemon.pods.len(), admin = %cfg.admin.socket.display(), http = %cfg.admin.http, handoff = %cfg.handoff_socket.display(), "ready");
 
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);
     let mut handed_over = false;
     loop {
@@ -252,29 +276,7 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
                 }
             }
             _ = tick.tick() => {
-                let mut changed = false;
-                match crate::config::read_file(&cfg.workloads) {
-                    Ok(text) if text != workloads_text => {
-                        match WorkloadSet::parse(&cfg.workloads, &text, &cfg.node) {
-                            Ok(set) => {
-                                changed = true;
-                                daemon.workloads = Arc::new(set);
-                                daemon.mesh.set_workloads(daemon.workloads.clone());
-                                daemon.mesh.metrics.config_reload(ConfigKind::Workloads, true);
-                                view.record_reload("workloads", Ok(()));
-                                tracing::info!(workloads = daemon.workloads.len(), "workloads reloaded");
-                            }
-                            Err(e) => {
-                                daemon.mesh.metrics.config_reload(ConfigKind::Workloads, false);
-                                view.record_reload("workloads", Err(e.to_string()));
-                                tracing::error!(error = %e, "workloads file rejected; keeping the last good one");
-                            }
-                        }
-                        workloads_text = text;
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "workloads file unreadable; keeping the last good one"),
-                }
+                let changed = daemon.apply(source.poll(), &view);
                 // Enrollment work only when the workloads changed or a pod still waits to be
                 // enrolled: an idle node does no per-pod syscalls on every tick.
                 if changed || !daemon.failing.is_empty() {
@@ -283,6 +285,15 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
                 if let Some(dir) = &cfg.policies {
                     policy_watch.tick(dir, &cfg.root_namespace, &daemon.mesh, &view);
                 }
+            }
+            Some(job) = next_job(&mut cni_jobs) => {
+                // A CNI request changed the cluster state: enroll (or un-enroll) now, so the
+                // pod's containers start captured, then say how the pod stands.
+                daemon.apply(source.poll(), &view);
+                daemon.reconcile();
+                let enrolled = daemon.pods.contains_key(job.key());
+                let error = daemon.failing.get(job.key()).cloned();
+                job.answer(enrolled, error);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -329,7 +340,47 @@ fn socket_file_id(path: &Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
+/// The next CNI request, or never without a Kubernetes source.
+async fn next_job(
+    jobs: &mut Option<tokio::sync::mpsc::Receiver<source::CniJob>>,
+) -> Option<source::CniJob> {
+    match jobs {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Daemon {
+    fn set_workloads(&mut self, set: WorkloadSet) {
+        self.workloads = Arc::new(set);
+        self.mesh.set_workloads(self.workloads.clone());
+    }
+
+    /// Applies a source update; true when the workloads changed.
+    fn apply(&mut self, update: Update, view: &AgentView) -> bool {
+        match update {
+            Update::Unchanged => false,
+            Update::Changed(set) => {
+                let same = *self.workloads == set;
+                self.set_workloads(set);
+                if !same {
+                    self.mesh.metrics.config_reload(ConfigKind::Workloads, true);
+                    view.record_reload("workloads", Ok(()));
+                    tracing::info!(workloads = self.workloads.len(), "workloads reloaded");
+                }
+                !same
+            }
+            Update::Rejected(e) => {
+                self.mesh
+                    .metrics
+                    .config_reload(ConfigKind::Workloads, false);
+                tracing::error!(error = %e, "workloads file rejected; keeping the last good one");
+                view.record_reload("workloads", Err(e));
+                false
+            }
+        }
+    }
+
     /// Brings enrolled pods in line with the workloads: enrolls new or changed ones, un-enrolls gone
     /// ones, and retries pods whose enrollment failed (their netns may not exist yet).
     fn reconcile(&mut self) {

@@ -27,6 +27,8 @@ pub struct AgentView {
     pub ready: AtomicBool,
     pub generation: AtomicU64,
     pub last_reload: Mutex<Option<ReloadStatus>>,
+    /// The Kubernetes source's state, when the workloads come from the API.
+    pub kube: Option<Arc<super::source::KubeState>>,
 }
 
 pub fn unix(t: SystemTime) -> u64 {
@@ -75,6 +77,7 @@ impl AgentView {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
+            kubernetes: self.kube.as_ref().map(|k| k.status()),
         }
     }
 
@@ -303,10 +306,16 @@ impl AdminState for AgentView {
     }
 
     fn ready(&self) -> Result<(), String> {
-        if self.ready.load(Ordering::Relaxed) {
-            Ok(())
-        } else {
-            Err("capture, certificates or configuration not ready yet".into())
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err("capture, certificates or configuration not ready yet".into());
+        }
+        // Until the first list of pods and namespaces, this agent has enrolled nothing: in a rolling
+        // update the previous agent must keep serving until then.
+        match &self.kube {
+            Some(k) if !k.status().synced => Err(
+                "waiting for the first list of pods and namespaces from the Kubernetes API".into(),
+            ),
+            _ => Ok(()),
         }
     }
 }

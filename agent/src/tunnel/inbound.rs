@@ -34,6 +34,12 @@ pub async fn handle_plaintext(mesh: &Mesh, pod: &PodCtx, client: TcpStream, peer
     let mut rec = ConnRecord::new(Direction::Inbound, pod.name.clone(), peer, dst);
     rec.route = "plaintext";
     match mesh.inbound {
+        // The kubelet's probes come in plaintext from the node's address; they reach the app without
+        // policy, as Istio exempts them, and nothing else plaintext does.
+        InboundMode::Strict if mesh.is_probe_source(peer.ip()) => {
+            rec.route = "probe";
+            permissive(mesh, pod, client, peer, dst, rec).await
+        }
         InboundMode::Strict => {
             mesh.metrics.inbound_plaintext_refused();
             reset(client);

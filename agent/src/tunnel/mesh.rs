@@ -76,6 +76,7 @@ pub struct Mesh {
     pub node: String,
     pub ports: Ports,
     pub inbound: InboundMode,
+    probe_sources: Vec<ipnet::IpNet>,
     pub outbound_unknown: OutboundUnknown,
     pub capture: Arc<Capture>,
     pub trust_domain: Option<TrustDomain>,
@@ -102,6 +103,7 @@ impl Mesh {
             node: cfg.node.clone(),
             ports: cfg.ports,
             inbound: cfg.inbound,
+            probe_sources: cfg.probe_sources.clone(),
             outbound_unknown: cfg.outbound_unknown,
             capture,
             trust_domain: cfg.trust_domain.clone(),
@@ -128,6 +130,15 @@ impl Mesh {
             // An error means the mesh is gone, and with it the agent.
             let _ = rx.wait_for(|d| *d).await;
         }
+    }
+
+    /// Whether plaintext from `ip` is a kubelet probe (delivered even in strict mode).
+    pub fn is_probe_source(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.probe_sources.iter().any(|n| n.contains(&ip))
     }
 
     pub fn workloads(&self) -> Arc<WorkloadSet> {

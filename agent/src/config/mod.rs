@@ -6,7 +6,8 @@ mod workloads;
 
 pub(crate) use node::parse_duration;
 pub use node::{
-    AdminConfig, CaptureConfig, CertificatesConfig, InboundMode, NodeConfig, OutboundUnknown, Ports,
+    AdminConfig, CaptureConfig, CertificatesConfig, HboneLimits, InboundMode, NodeConfig,
+    OutboundUnknown, Ports,
 };
 pub use workloads::{LocalPod, Protocol, Workload, WorkloadSet};
 

@@ -16,6 +16,7 @@ use super::copy::{CopyOutcome, CopyStats, copy_bidirectional};
 use super::settings::keepalive;
 use super::wire::{AuthorityError, FORWARDED, parse_authority, parse_forwarded};
 use super::{AsyncIo, H2Settings, Keepalive, TunnelError};
+use crate::config::HboneLimits;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -122,7 +123,29 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// A peer that connects and never completes the HTTP/2 preface is dropped after this.
     pub handshake_timeout: Duration,
+    /// A connection whose first CONNECT has not arrived this long after it started is dropped: a peer
+    /// that opens connections and never asks for anything (or never finishes its HEADERS) holds
+    /// nothing for long. Later idle periods are normal (pooled connections wait for their next stream).
+    pub request_timeout: Duration,
     pub keepalive: Option<Keepalive>,
+}
+
+impl ServerConfig {
+    /// The inbound settings the node config's `hbone` limits ask for.
+    pub fn from_limits(limits: &HboneLimits) -> Self {
+        ServerConfig {
+            h2: H2Settings {
+                initial_stream_window: limits.stream_window,
+                initial_connection_window: limits.connection_window,
+                max_header_list_size: limits.max_header_list_size,
+                ..H2Settings::default()
+            },
+            max_concurrent_streams: limits.max_streams_per_connection,
+            handshake_timeout: limits.handshake_timeout,
+            request_timeout: limits.request_timeout,
+            keepalive: Some(Keepalive::default()),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -131,6 +154,7 @@ impl Default for ServerConfig {
             h2: H2Settings::default(),
             max_concurrent_streams: 200,
             handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
             keepalive: Some(Keepalive::default()),
         }
     }
@@ -170,6 +194,9 @@ impl<H: ConnectHandler> HboneServer<H> {
         expected_local_ip: Option<IpAddr>,
     ) -> Result<(), TunnelError> {
         let config = &self.config;
+        let first_request = tokio::time::sleep(config.request_timeout);
+        tokio::pin!(first_request);
+        let mut requested = false;
         let s = &config.h2;
         let handshake = h2::server::Builder::new()
             .initial_window_size(s.initial_stream_window)
@@ -199,6 +226,7 @@ impl<H: ConnectHandler> HboneServer<H> {
                     None => break,
                     Some(Err(e)) => return Err(TunnelError::Connection(e)),
                     Some(Ok((request, respond))) => {
+                        requested = true;
                         relays.spawn(serve_stream(
                             request,
                             respond,
@@ -208,6 +236,9 @@ impl<H: ConnectHandler> HboneServer<H> {
                     }
                 },
                 Some(_) = relays.join_next(), if !relays.is_empty() => {}
+                _ = &mut first_request, if !requested => {
+                    return Err(TunnelError::RequestTimeout(config.request_timeout));
+                }
                 timeout = &mut keepalive_fut => {
                     return Err(TunnelError::KeepaliveTimeout(timeout));
                 }

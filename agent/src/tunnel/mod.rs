@@ -59,6 +59,7 @@ pub mod hbone_client;
 pub mod hbone_server;
 pub mod inbound;
 pub mod kill;
+pub mod limits;
 pub mod mesh;
 pub mod outbound;
 pub mod pool;

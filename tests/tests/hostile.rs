@@ -457,3 +457,49 @@ print(json.dumps(out), flush=True)
     let _ = (&t.n1, &t.n2);
     Ok(())
 }
+
+/// Bad input from the node's own files: a broken workloads file is reported and counted, the last good
+/// one stays in force and traffic keeps flowing; a node config with a bad limit stops `ferry run` at
+/// once with an error naming the file and the field, before anything is attached.
+#[test]
+fn a_bad_workloads_file_keeps_the_last_good_one_and_a_bad_node_config_is_named() -> Result<()> {
+    let t = two()?;
+    let target = sock(t.server.ip4, APP_PORT);
+    std::fs::write(
+        t.n2.workloads_path(),
+        "workloads:\n  - name: Server_Pod\n    ips: [not-an-ip]\n",
+    )?;
+    t.a2.wait_for(
+        |l| l.msg() == "workloads file rejected; keeping the last good one",
+        Duration::from_secs(10),
+    )?;
+    let errors = metric(
+        &t.n2,
+        "ferry_config_reloads_total",
+        &[("config", "workloads"), ("result", "error")],
+    )?;
+    assert_eq!(errors, 1.0);
+    let d = dial(t.client.command(testapp()), target, "kept")?;
+    assert!(d.ok && d.echo == "kept", "{d:?}");
+
+    let bad = t.world.dir.join("bad-node.yaml");
+    std::fs::write(
+        &bad,
+        "node: n9\nworkloads: w.yaml\nhbone:\n  max_pending_handshakes: 8\n  max_pending_handshakes_per_peer: 9\n",
+    )?;
+    let out = Command::new(ferry_e2e::ferry_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&bad)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ferry run accepted a bad config");
+    assert!(
+        err.contains(&bad.display().to_string())
+            && err.contains("hbone.max_pending_handshakes_per_peer"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = (&t.a1, &t.n1, &t.server);
+    Ok(())
+}

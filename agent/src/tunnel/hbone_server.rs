@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use tokio::task::JoinSet;
 
 use super::copy::{CopyOutcome, CopyStats, copy_bidirectional};
@@ -264,7 +264,7 @@ pub async fn serve_connection<T: AsyncIo, H: ConnectHandler>(
 
 /// Why a request is answered 400 before reaching the handler.
 #[derive(Debug, thiserror::Error)]
-enum BadRequest {
+pub enum BadRequest {
     #[error("method {0} is not CONNECT")]
     Method(Method),
     #[error("CONNECT with :scheme or :path")]
@@ -275,14 +275,17 @@ enum BadRequest {
     NotLocal { target: IpAddr, expected: IpAddr },
 }
 
-fn validate(
-    request: &Request<RecvStream>,
+/// Checks the head of an inbound request (what a peer sent in its HEADERS) and reads the CONNECT out
+/// of it. Pure: no I/O, so the fuzzer drives it with arbitrary heads.
+pub fn validate_connect(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
     expected_local_ip: Option<IpAddr>,
 ) -> Result<ConnectRequest, BadRequest> {
-    if request.method() != Method::CONNECT {
-        return Err(BadRequest::Method(request.method().clone()));
+    if method != Method::CONNECT {
+        return Err(BadRequest::Method(method.clone()));
     }
-    let uri = request.uri();
     // h2 already resets plain CONNECTs carrying these (RFC 9113 §8.5); this covers what gets through.
     if uri.scheme().is_some() || uri.path_and_query().is_some() {
         return Err(BadRequest::SchemeOrPath);
@@ -296,15 +299,14 @@ fn validate(
             expected,
         });
     }
-    let forwarded_for = request
-        .headers()
+    let forwarded_for = headers
         .get(FORWARDED)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_forwarded);
     Ok(ConnectRequest {
         target,
         forwarded_for,
-        headers: request.headers().clone(),
+        headers: headers.clone(),
     })
 }
 
@@ -322,7 +324,12 @@ async fn serve_stream<H: ConnectHandler>(
     handler: Arc<H>,
     expected_local_ip: Option<IpAddr>,
 ) {
-    let connect = match validate(&request, expected_local_ip) {
+    let connect = match validate_connect(
+        request.method(),
+        request.uri(),
+        request.headers(),
+        expected_local_ip,
+    ) {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(error = %e, "HBONE request rejected");

@@ -190,7 +190,8 @@ where
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 64 * 1024];
+    // Small first, grown while reads fill it (as in copy.rs): the zeroed buffer is resident at once.
+    let mut buf = vec![0u8; super::copy::FIRST_READ];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
@@ -198,5 +199,9 @@ where
         }
         w.write_all(&buf[..n]).await?;
         count(n);
+        let size = super::copy::next_read_size(buf.len(), n);
+        if size > buf.len() {
+            buf.resize(size, 0);
+        }
     }
 }

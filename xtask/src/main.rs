@@ -4,6 +4,7 @@ mod demo;
 mod deploy_check;
 mod image;
 mod setup;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -53,6 +54,12 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Many concurrent connections through one pair of agents, bytes checked, agent memory measured.
+    Soak {
+        /// Concurrent connections (the test suite runs 1,000).
+        #[arg(long, default_value_t = 10_000)]
+        conns: u32,
+    },
 }
 
 fn main() {
@@ -79,6 +86,7 @@ fn run() -> Result<()> {
         Cmd::Bench { quick, out } => {
             bench::run(&build(&root, true)?, &target_dir(&root), quick, out)
         }
+        Cmd::Soak { conns } => soak::run(&build(&root, true)?, conns),
     }
 }
 
@@ -232,7 +240,10 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
         deploy_check::run(root)?;
         image::run(root)?;
         // A smoke run: every scenario must produce numbers; how fast they are is not asserted.
-        bench::run(&build(root, true)?, &target_dir(root), true, None)?;
+        let release = build(root, true)?;
+        bench::run(&release, &target_dir(root), true, None)?;
+        // The soak at a tenth of its full size: every connection must come back intact.
+        soak::run(&release, 1_000)?;
     }
     Ok(())
 }

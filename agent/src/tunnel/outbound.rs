@@ -107,7 +107,10 @@ pub async fn handle(
                 dst_principal: Some(identity.principal()),
                 mutual_tls: true,
             };
-            let client = match mesh.hbone_client(pod, dst.ip(), identity).await {
+            // Boxed: opening a connection (TCP, TLS, HTTP/2 handshakes) is this future's largest state,
+            // and unboxed it would be part of every connection's task for the connection's whole life
+            // (about 6 KiB each), though most connections find a pooled one.
+            let client = match Box::pin(mesh.hbone_client(pod, dst.ip(), identity)).await {
                 Ok(c) => c,
                 Err(e) => {
                     reset(app);

@@ -501,6 +501,31 @@ mod tests {
         );
     }
 
+    /// The fuzzer's seeds are only useful if they get past the parsers.
+    #[test]
+    fn fuzz_seeds_parse() {
+        let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        for (dir, parse) in [
+            (
+                "node_config",
+                (|t: &str| parse(t).map(drop)) as fn(&str) -> Result<(), ConfigError>,
+            ),
+            ("workloads", |t: &str| {
+                crate::config::WorkloadSet::parse(Path::new("/etc/ferry/w.yaml"), t, "node1")
+                    .map(drop)
+            }),
+        ] {
+            let mut n = 0;
+            for entry in std::fs::read_dir(seeds.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap();
+                parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+            assert!(n >= 1, "{dir}: no seeds");
+        }
+    }
+
     #[test]
     fn hbone_limits_default_and_are_validated() {
         let c = parse("node: n\nworkloads: w\nhbone: {handshake_timeout: 3s, max_pending_handshakes: 10, max_pending_handshakes_per_peer: 2}\n")

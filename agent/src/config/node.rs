@@ -149,8 +149,8 @@ impl Default for HboneLimits {
     }
 }
 
-/// HTTP/2 caps a window at 2^31 - 1 and forbids a stream window below its 65,535-byte default only by
-/// convention; smaller windows stall ordinary peers, so they are refused here.
+/// HTTP/2 caps a window at 2^31 - 1. Windows below the protocol's initial 65,535 bytes would make
+/// every peer wait for WINDOW_UPDATEs after each few frames, so they are refused too.
 const MAX_WINDOW: u32 = (1 << 31) - 1;
 const MIN_WINDOW: u32 = 65_535;
 

@@ -491,3 +491,144 @@ async fn server_advertises_hbone_settings() {
     assert!(matches!(e, TunnelError::Unreachable));
     assert_eq!(client.peer_max_streams(), 200);
 }
+
+fn limited(config: ServerConfig) -> HarnessOptions {
+    HarnessOptions {
+        config: ServerConfig {
+            keepalive: None,
+            ..config
+        },
+        ..HarnessOptions::default()
+    }
+}
+
+/// A peer that finishes the HTTP/2 handshake and then never asks for anything is dropped after the
+/// request timeout; a peer whose first CONNECT came in time may stay idle longer (pooled connections).
+#[tokio::test]
+async fn a_connection_without_a_connect_is_dropped_after_the_request_timeout() {
+    let mut harness = Harness::start_with(limited(ServerConfig {
+        request_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    }))
+    .await;
+    let tcp = TcpStream::connect(harness.addr).await.expect("connect");
+    let local = tcp.local_addr().expect("addr");
+    let (_send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    let started = std::time::Instant::now();
+    let r = harness.result_for(local).await;
+    assert!(matches!(r, Err(TunnelError::RequestTimeout(_))), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The client sees its connection end.
+    within("client connection end", conn)
+        .await
+        .expect("join")
+        .ok();
+
+    // A client whose first stream came in time, idle for three request timeouts, still gets through.
+    let (echo, _) = echo_upstream().await;
+    let client = harness.client().await;
+    let first = client.connect(echo, client_addr()).await.expect("200");
+    assert_eq!(round_trip(first, b"one".to_vec()).await, b"one");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let second = client
+        .connect(echo, client_addr())
+        .await
+        .expect("200 later");
+    assert_eq!(round_trip(second, b"two".to_vec()).await, b"two");
+}
+
+/// A CONNECT over the header limit gets 431 (its stream refused) while the same connection keeps
+/// carrying well-formed CONNECTs; one far over it (h2's abuse bound) ends that connection only.
+#[tokio::test]
+async fn oversized_headers_are_refused_and_others_are_served() {
+    let harness = Harness::start_with(limited(ServerConfig {
+        h2: ferry::tunnel::H2Settings {
+            max_header_list_size: 4096,
+            ..Default::default()
+        },
+        ..ServerConfig::default()
+    }))
+    .await;
+    let (echo, _) = echo_upstream().await;
+    let connect = |baggage: usize| {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri(echo.to_string())
+            .header("baggage", "x".repeat(baggage))
+            .body(())
+            .expect("request")
+    };
+    let tcp = TcpStream::connect(harness.addr).await.expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    let conn = tokio::spawn(conn);
+    let mut send = send.ready().await.expect("ready");
+    let (response, _body) = send.send_request(connect(6000), false).expect("send");
+    match within("oversized answer", response).await {
+        Ok(r) => assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        Err(e) => assert_eq!(e.reason(), Some(h2::Reason::REFUSED_STREAM), "{e}"),
+    }
+    let mut send = send.ready().await.expect("still ready");
+    let (response, _body) = send.send_request(connect(10), false).expect("send");
+    let r = within("normal answer", response).await.expect("response");
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let (response, _body) = send.send_request(connect(256 * 1024), false).expect("send");
+    let e = within("abusive answer", response)
+        .await
+        .expect_err("the connection goes away");
+    assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{e}");
+    within("connection end", conn).await.expect("join").ok();
+    // Another connection is served as before.
+    let client = harness.client().await;
+    let s = client.connect(echo, client_addr()).await.expect("200");
+    assert_eq!(round_trip(s, b"after".to_vec()).await, b"after");
+}
+
+/// Streams that open and never send count against the advertised per-connection limit: a fourth
+/// stream waits until one of three held ones ends.
+#[tokio::test]
+async fn streams_past_the_limit_wait_for_a_free_one() {
+    let harness = Harness::start_with(limited(ServerConfig {
+        max_concurrent_streams: 3,
+        ..ServerConfig::default()
+    }))
+    .await;
+    let (echo, _) = echo_upstream().await;
+    let client = harness.client().await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(client.connect(echo, client_addr()).await.expect("200"));
+    }
+    assert_eq!(client.peer_max_streams(), 3);
+    let tcp = TcpStream::connect(harness.addr).await.expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(conn);
+    // The limit is per connection: another connection is not held up by those three streams.
+    let mut send = send.ready().await.expect("ready");
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(echo.to_string())
+        .body(())
+        .expect("request");
+    let (response, _body) = send.send_request(req, false).expect("send");
+    assert_eq!(
+        within("other connection", response)
+            .await
+            .expect("response")
+            .status(),
+        StatusCode::OK
+    );
+    let fourth = client.connect(echo, client_addr());
+    tokio::pin!(fourth);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut fourth)
+            .await
+            .is_err(),
+        "a fourth stream on the connection was served while three were open"
+    );
+    let first = held.pop().expect("held");
+    assert_eq!(round_trip(first, b"free".to_vec()).await, b"free");
+    let fourth = within("fourth stream", fourth).await.expect("200");
+    assert_eq!(round_trip(fourth, b"4".to_vec()).await, b"4");
+}

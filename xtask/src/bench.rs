@@ -201,7 +201,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 }
 
 /// VmRSS of a process, in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status: did the agent exit?"))?;
     status
@@ -248,7 +248,7 @@ impl Row {
 /// processes, and the agents, which inherit their limit from us) need about one descriptor per held
 /// connection, each agent two. Raising the hard limit needs CAP_SYS_RESOURCE, which a container may
 /// lack: then the hard limit is what we get.
-fn set_limits() -> Result<u64> {
+pub(crate) fn set_limits() -> Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -4,6 +4,7 @@ mod demo;
 mod deploy_check;
 mod image;
 mod setup;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -53,6 +54,12 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Many concurrent connections through one pair of agents, bytes checked, agent memory measured.
+    Soak {
+        /// Concurrent connections (the test suite runs 1,000).
+        #[arg(long, default_value_t = 10_000)]
+        conns: u32,
+    },
 }
 
 fn main() {
@@ -79,6 +86,7 @@ fn run() -> Result<()> {
         Cmd::Bench { quick, out } => {
             bench::run(&build(&root, true)?, &target_dir(&root), quick, out)
         }
+        Cmd::Soak { conns } => soak::run(&build(&root, true)?, conns),
     }
 }
 
@@ -139,8 +147,24 @@ fn build(root: &Path, release: bool) -> Result<Bins> {
     })
 }
 
-/// A bounded run of the policy parser's fuzz target (nightly, libFuzzer); a crash fails the suite.
+/// The fuzz targets (`agent/fuzz/fuzz_targets`) and how long each runs in the test suite: 60 s in all.
+const FUZZ_TARGETS: [(&str, &str, u32); 4] = [
+    ("policy_parse", "the policy parser", 15),
+    ("hbone_request", "the HBONE CONNECT validation", 15),
+    ("node_config", "the node config parser", 15),
+    ("workloads", "the workloads file parser", 15),
+];
+
+/// A bounded run of each fuzz target (nightly, libFuzzer), from its seeds and the corpus earlier runs
+/// kept; a crash fails the suite.
 fn fuzz_smoke(root: &Path) -> Result<()> {
+    for (target, what, seconds) in FUZZ_TARGETS {
+        fuzz_one(root, target, what, seconds)?;
+    }
+    Ok(())
+}
+
+fn fuzz_one(root: &Path, target: &str, what: &str, seconds: u32) -> Result<()> {
     let mut fuzz = Command::new("cargo");
     fuzz.current_dir(root.join("agent"))
         .env_remove("RUSTC")
@@ -152,13 +176,14 @@ fn fuzz_smoke(root: &Path) -> Result<()> {
     {
         fuzz.env("PATH", path);
     }
-    let corpus = target_dir(root).join("fuzz-corpus");
+    let corpus = target_dir(root).join("fuzz-corpus").join(target);
     std::fs::create_dir_all(&corpus)?;
-    fuzz.args(["+nightly", "fuzz", "run", "policy_parse", "--target-dir"])
+    fuzz.args(["+nightly", "fuzz", "run", target, "--target-dir"])
         .arg(target_dir(root).join("fuzz"))
         .arg(&corpus)
-        .arg("fuzz/seeds")
-        .args(["--", "-max_total_time=20"]);
+        .arg(Path::new("fuzz/seeds").join(target))
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"));
     // libFuzzer reports every new input; keep the log short unless something breaks.
     let out = fuzz.output().context("running cargo fuzz")?;
     let log = String::from_utf8_lossy(&out.stderr);
@@ -167,14 +192,17 @@ fn fuzz_smoke(root: &Path) -> Result<()> {
         for line in tail.into_iter().rev() {
             eprintln!("{line}");
         }
-        bail!("fuzzing the policy parser failed ({})", out.status);
+        bail!(
+            "fuzzing {what} failed ({}); the crashing input is under agent/fuzz/artifacts/{target}/: add it as a unit test",
+            out.status
+        );
     }
     let last = log
         .lines()
         .rev()
         .find(|l| l.contains("Done") || l.contains("cov:"))
         .unwrap_or("");
-    eprintln!("xtask: fuzzed the policy parser for 20 s: {last}");
+    eprintln!("xtask: fuzzed {what} for {seconds} s: {last}");
     Ok(())
 }
 
@@ -232,7 +260,10 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
         deploy_check::run(root)?;
         image::run(root)?;
         // A smoke run: every scenario must produce numbers; how fast they are is not asserted.
-        bench::run(&build(root, true)?, &target_dir(root), true, None)?;
+        let release = build(root, true)?;
+        bench::run(&release, &target_dir(root), true, None)?;
+        // The soak at a tenth of its full size: every connection must come back intact.
+        soak::run(&release, 1_000)?;
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Arbitrary bytes into the policy parser: it must return Ok or Err, never panic, hang or blow the
-//! stack. Seeds: `agent/fuzz/seeds/`.
+//! stack. Seeds: `agent/fuzz/seeds/policy_parse/`.
 #![no_main]
 
 use ferry::policy::{DEFAULT_ROOT_NAMESPACE, PolicySet};

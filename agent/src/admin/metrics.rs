@@ -207,14 +207,20 @@ pub enum RefusedReason {
     Identity,
     /// The peer did not finish the handshake in time.
     Timeout,
+    /// Too many unfinished handshakes (from this peer, or in total): closed before reading anything.
+    Overloaded,
+    /// The peer finished the handshakes but sent no CONNECT in time.
+    RequestTimeout,
 }
 
 impl RefusedReason {
-    pub const ALL: [RefusedReason; 4] = [
+    pub const ALL: [RefusedReason; 6] = [
         RefusedReason::Tls,
         RefusedReason::Alpn,
         RefusedReason::Identity,
         RefusedReason::Timeout,
+        RefusedReason::Overloaded,
+        RefusedReason::RequestTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -223,6 +229,8 @@ impl RefusedReason {
             RefusedReason::Alpn => "alpn",
             RefusedReason::Identity => "identity",
             RefusedReason::Timeout => "timeout",
+            RefusedReason::Overloaded => "overloaded",
+            RefusedReason::RequestTimeout => "request_timeout",
         }
     }
 }
@@ -255,6 +263,7 @@ pub struct Metrics {
     pool_streams: IntGauge,
     plaintext_refused: IntCounter,
     hbone_refused: IntCounterVec,
+    hbone_pending_handshakes: IntGauge,
     active_connections: IntGaugeVec,
     kube_api_connected: IntGauge,
     kube_api_disconnects: IntCounter,
@@ -355,6 +364,11 @@ impl Metrics {
             "Inbound HBONE connections refused during the handshake, by reason class.",
             &["reason"],
         );
+        let hbone_pending_handshakes = IntGauge::new(
+            "ferry_hbone_pending_handshakes",
+            "Inbound HBONE connections whose TLS handshake has not finished yet.",
+        )
+        .expect("valid gauge definition");
         let active_connections = IntGaugeVec::new(
             Opts::new(
                 "ferry_active_connections",
@@ -390,6 +404,7 @@ impl Metrics {
         reg(Box::new(pool_streams.clone()));
         reg(Box::new(plaintext_refused.clone()));
         reg(Box::new(hbone_refused.clone()));
+        reg(Box::new(hbone_pending_handshakes.clone()));
         reg(Box::new(active_connections.clone()));
         reg(Box::new(kube_api_connected.clone()));
         reg(Box::new(kube_api_disconnects.clone()));
@@ -427,6 +442,7 @@ impl Metrics {
             pool_streams,
             plaintext_refused,
             hbone_refused,
+            hbone_pending_handshakes,
             active_connections,
             kube_api_connected,
             kube_api_disconnects,
@@ -567,6 +583,11 @@ impl Metrics {
         self.hbone_refused
             .with_label_values(&[reason.as_str()])
             .inc();
+    }
+
+    /// Sets the number of inbound TLS handshakes under way.
+    pub fn set_pending_handshakes(&self, n: u32) {
+        self.hbone_pending_handshakes.set(i64::from(n));
     }
 
     /// All metrics in the Prometheus text exposition format (version 0.0.4).
@@ -1110,6 +1131,8 @@ mod tests {
         m.hbone_refused(RefusedReason::Alpn);
         m.hbone_refused(RefusedReason::Timeout);
         m.hbone_refused(RefusedReason::Timeout);
+        m.hbone_refused(RefusedReason::Overloaded);
+        m.set_pending_handshakes(7);
 
         let (s, types) = parse(&m.encode());
         let reload = |config, result| {
@@ -1137,7 +1160,11 @@ mod tests {
         assert_eq!(refused("timeout"), Some(2.0));
         assert_eq!(refused("tls"), Some(0.0));
         assert_eq!(refused("identity"), Some(0.0));
-        assert_eq!(series_count(&s, "ferry_hbone_refused_total"), 4);
+        assert_eq!(refused("overloaded"), Some(1.0));
+        assert_eq!(refused("request_timeout"), Some(0.0));
+        assert_eq!(series_count(&s, "ferry_hbone_refused_total"), 6);
+        assert_eq!(value(&s, "ferry_hbone_pending_handshakes", &[]), Some(7.0));
+        assert_eq!(types["ferry_hbone_pending_handshakes"], "gauge");
     }
 
     /// Whether a label name denotes a per-connection network value.
@@ -1198,13 +1225,14 @@ mod tests {
             "ferry_pool_streams",
             "ferry_inbound_plaintext_refused_total",
             "ferry_hbone_refused_total",
+            "ferry_hbone_pending_handshakes",
             "ferry_active_connections",
             "ferry_kube_api_connected",
             "ferry_kube_api_disconnects_total",
         ] {
             assert!(names.contains(&expected), "{expected} not registered");
         }
-        assert_eq!(families.len(), 16);
+        assert_eq!(families.len(), 17);
         for (family, labels) in &families {
             for label in labels {
                 assert!(

@@ -273,6 +273,7 @@ fn run(
     if let Some(name) = node_name {
         cfg = cfg.with_node_name(name)?;
     }
+    raise_nofile_limit();
     let object = ebpf_object
         .map(|p| {
             std::fs::read(&p)
@@ -284,6 +285,22 @@ fn run(
         .build()?;
     rt.block_on(daemon::run(cfg, object))?;
     Ok(())
+}
+
+/// The agent holds a descriptor per proxied connection (and per pod listener): the usual soft limit of
+/// 1,024 would refuse connections long before memory runs short, so the soft limit goes up to the
+/// hard one, which the operator (or the container runtime) sets.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-file limit"),
+    }
 }
 
 /// Prints every warning and error; errors make the command fail (exit 1).

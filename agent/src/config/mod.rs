@@ -8,7 +8,8 @@ mod workloads;
 pub use kubernetes::{CgroupDriver, KubernetesConfig, WorkloadSource};
 pub(crate) use node::parse_duration;
 pub use node::{
-    AdminConfig, CaptureConfig, CertificatesConfig, InboundMode, NodeConfig, OutboundUnknown, Ports,
+    AdminConfig, CaptureConfig, CertificatesConfig, HboneLimits, InboundMode, NodeConfig,
+    OutboundUnknown, Ports,
 };
 pub use workloads::{LocalPod, Protocol, Workload, WorkloadSet};
 

@@ -110,6 +110,114 @@ pub(crate) fn parse_duration(text: &str) -> Option<std::time::Duration> {
     (secs > 0).then(|| std::time::Duration::from_secs(secs))
 }
 
+/// Bounds on what an inbound HBONE peer (port 15008) may hold. Before its TLS handshake ends a peer is
+/// anonymous, so the unfinished handshakes are bounded in time and in number, per source address and
+/// in total; after it, the peer is a verified workload but still gets bounded headers, streams and
+/// receive windows (the bytes buffered for it).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HboneLimits {
+    /// The TLS handshake (and then the HTTP/2 preface) must finish within this.
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: std::time::Duration,
+    /// Unfinished TLS handshakes of all peers together; past it, new connections are closed at once.
+    pub max_pending_handshakes: u32,
+    /// Unfinished TLS handshakes from one source address, so that one peer cannot take all the slots.
+    pub max_pending_handshakes_per_peer: u32,
+    /// A new HBONE connection must send its first CONNECT within this, or it is closed.
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: std::time::Duration,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS: further streams are refused (REFUSED_STREAM).
+    pub max_streams_per_connection: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE in bytes: a larger CONNECT is answered 431 and its stream refused.
+    pub max_header_list_size: u32,
+    /// Receive window per stream in bytes: what the agent buffers for one stream whose app reads slowly.
+    pub stream_window: u32,
+    /// Receive window of a whole connection in bytes (all its streams together).
+    pub connection_window: u32,
+}
+
+impl Default for HboneLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: std::time::Duration::from_secs(10),
+            max_pending_handshakes: 1024,
+            max_pending_handshakes_per_peer: 64,
+            request_timeout: std::time::Duration::from_secs(10),
+            max_streams_per_connection: 200,
+            max_header_list_size: 16 * 1024,
+            // ztunnel's windows (hbone.md): peers that interoperate with it expect them for throughput.
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// HTTP/2 caps a window at 2^31 - 1. Windows below the protocol's initial 65,535 bytes would make
+/// every peer wait for WINDOW_UPDATEs after each few frames, so they are refused too.
+const MAX_WINDOW: u32 = (1 << 31) - 1;
+const MIN_WINDOW: u32 = 65_535;
+
+impl HboneLimits {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let positive = [
+            ("hbone.max_pending_handshakes", self.max_pending_handshakes),
+            (
+                "hbone.max_pending_handshakes_per_peer",
+                self.max_pending_handshakes_per_peer,
+            ),
+            (
+                "hbone.max_streams_per_connection",
+                self.max_streams_per_connection,
+            ),
+        ];
+        for (field, n) in positive {
+            if n == 0 {
+                return Err((field, "must be at least 1".into()));
+            }
+        }
+        if self.max_pending_handshakes_per_peer > self.max_pending_handshakes {
+            return Err((
+                "hbone.max_pending_handshakes_per_peer",
+                format!(
+                    "{} exceeds max_pending_handshakes ({})",
+                    self.max_pending_handshakes_per_peer, self.max_pending_handshakes
+                ),
+            ));
+        }
+        if self.max_header_list_size < 1024 {
+            return Err((
+                "hbone.max_header_list_size",
+                format!(
+                    "{} bytes cannot hold a CONNECT request (at least 1024)",
+                    self.max_header_list_size
+                ),
+            ));
+        }
+        for (field, w) in [
+            ("hbone.stream_window", self.stream_window),
+            ("hbone.connection_window", self.connection_window),
+        ] {
+            if !(MIN_WINDOW..=MAX_WINDOW).contains(&w) {
+                return Err((
+                    field,
+                    format!("{w} is outside {MIN_WINDOW}..={MAX_WINDOW} bytes"),
+                ));
+            }
+        }
+        if self.stream_window > self.connection_window {
+            return Err((
+                "hbone.stream_window",
+                format!(
+                    "{} exceeds connection_window ({})",
+                    self.stream_window, self.connection_window
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Where operators reach the agent.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -164,6 +272,8 @@ struct RawNodeConfig {
     ports: Ports,
     #[serde(default)]
     capture: CaptureConfig,
+    #[serde(default)]
+    hbone: HboneLimits,
 }
 
 fn default_handoff_socket() -> PathBuf {
@@ -202,6 +312,7 @@ pub struct NodeConfig {
     pub outbound_unknown: OutboundUnknown,
     pub ports: Ports,
     pub capture: CaptureConfig,
+    pub hbone: HboneLimits,
 }
 
 impl NodeConfig {
@@ -252,6 +363,9 @@ impl NodeConfig {
                 "trust_domain and certificates go together: mesh traffic needs both".into(),
             ));
         }
+        raw.hbone
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
         let workloads = match (raw.workloads, raw.kubernetes) {
             (Some(file), None) => WorkloadSource::File(abs(file)),
             (None, Some(k)) => WorkloadSource::Kubernetes(KubernetesConfig::validate(
@@ -298,6 +412,7 @@ impl NodeConfig {
             outbound_unknown: raw.outbound_unknown,
             ports: raw.ports,
             capture: raw.capture,
+            hbone: raw.hbone,
         })
     }
 }
@@ -441,6 +556,84 @@ mod tests {
             "drain_deadline {:?} must end before the kubelet kills the agent ({grace}s)",
             c.drain_deadline
         );
+    }
+
+    /// The fuzzer's seeds are only useful if they get past the parsers.
+    #[test]
+    fn fuzz_seeds_parse() {
+        let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+        for (dir, parse) in [
+            (
+                "node_config",
+                (|t: &str| parse(t).map(drop)) as fn(&str) -> Result<(), ConfigError>,
+            ),
+            ("workloads", |t: &str| {
+                crate::config::WorkloadSet::parse(Path::new("/etc/ferry/w.yaml"), t, "node1")
+                    .map(drop)
+            }),
+        ] {
+            let mut n = 0;
+            for entry in std::fs::read_dir(seeds.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap();
+                parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+            assert!(n >= 1, "{dir}: no seeds");
+        }
+    }
+
+    #[test]
+    fn hbone_limits_default_and_are_validated() {
+        let c = parse("node: n\nworkloads: w\nhbone: {handshake_timeout: 3s, max_pending_handshakes: 10, max_pending_handshakes_per_peer: 2}\n")
+            .unwrap();
+        assert_eq!(c.hbone.handshake_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(c.hbone.max_pending_handshakes, 10);
+        assert_eq!(c.hbone.max_pending_handshakes_per_peer, 2);
+        assert_eq!(
+            c.hbone.request_timeout,
+            HboneLimits::default().request_timeout
+        );
+        for (yaml, field) in [
+            (
+                "{max_pending_handshakes: 0}",
+                "hbone.max_pending_handshakes:",
+            ),
+            (
+                "{max_pending_handshakes: 4, max_pending_handshakes_per_peer: 5}",
+                "hbone.max_pending_handshakes_per_peer:",
+            ),
+            ("{max_header_list_size: 100}", "hbone.max_header_list_size:"),
+            ("{stream_window: 1000}", "hbone.stream_window:"),
+            (
+                "{connection_window: 4294967295}",
+                "hbone.connection_window:",
+            ),
+            (
+                "{stream_window: 2000000, connection_window: 1000000}",
+                "hbone.stream_window:",
+            ),
+            (
+                "{max_streams_per_connection: 0}",
+                "hbone.max_streams_per_connection:",
+            ),
+        ] {
+            let err = parse(&format!("node: n\nworkloads: w\nhbone: {yaml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
+        let err = parse("node: n\nworkloads: w\nhbone: {request_timeout: soon}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("hbone") && err.contains("soon") && err.contains("line 3"),
+            "{err}"
+        );
+        let err = parse("node: n\nworkloads: w\nhbone: {max_streams: 3}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_streams"), "{err}");
     }
 
     #[test]

@@ -1356,7 +1356,7 @@ fn example_policies_lint_clean() {
 #[test]
 fn fuzz_seeds_load() {
     // The seeds are only useful to the fuzzer if they get past the parser into compilation.
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/policy_parse");
     let loaded = PolicySet::load_dir(&dir, ROOT).unwrap();
     assert!(loaded.set.len() >= 5, "{}", loaded.set.len());
 }

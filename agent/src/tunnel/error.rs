@@ -11,6 +11,9 @@ pub enum TunnelError {
     /// The peer did not complete the HTTP/2 handshake in time.
     #[error("HTTP/2 handshake timed out after {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    /// The peer sent no CONNECT within the time a new connection has for its first request.
+    #[error("no CONNECT request within {0:?}")]
+    RequestTimeout(std::time::Duration),
     /// The HTTP/2 connection failed after the handshake.
     #[error("HTTP/2 connection error: {0}")]
     Connection(#[source] h2::Error),

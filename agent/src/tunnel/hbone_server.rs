@@ -9,13 +9,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use tokio::task::JoinSet;
 
 use super::copy::{CopyOutcome, CopyStats, copy_bidirectional};
 use super::settings::keepalive;
 use super::wire::{AuthorityError, FORWARDED, parse_authority, parse_forwarded};
 use super::{AsyncIo, H2Settings, Keepalive, TunnelError};
+use crate::config::HboneLimits;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -122,7 +123,29 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// A peer that connects and never completes the HTTP/2 preface is dropped after this.
     pub handshake_timeout: Duration,
+    /// A connection whose first CONNECT has not arrived this long after it started is dropped: a peer
+    /// that opens connections and never asks for anything (or never finishes its HEADERS) holds
+    /// nothing for long. Later idle periods are normal (pooled connections wait for their next stream).
+    pub request_timeout: Duration,
     pub keepalive: Option<Keepalive>,
+}
+
+impl ServerConfig {
+    /// The inbound settings the node config's `hbone` limits ask for.
+    pub fn from_limits(limits: &HboneLimits) -> Self {
+        ServerConfig {
+            h2: H2Settings {
+                initial_stream_window: limits.stream_window,
+                initial_connection_window: limits.connection_window,
+                max_header_list_size: limits.max_header_list_size,
+                ..H2Settings::default()
+            },
+            max_concurrent_streams: limits.max_streams_per_connection,
+            handshake_timeout: limits.handshake_timeout,
+            request_timeout: limits.request_timeout,
+            keepalive: Some(Keepalive::default()),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -131,6 +154,7 @@ impl Default for ServerConfig {
             h2: H2Settings::default(),
             max_concurrent_streams: 200,
             handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
             keepalive: Some(Keepalive::default()),
         }
     }
@@ -182,6 +206,9 @@ impl<H: ConnectHandler> HboneServer<H> {
         drain: impl std::future::Future<Output = ()>,
     ) -> Result<(), TunnelError> {
         let config = &self.config;
+        let first_request = tokio::time::sleep(config.request_timeout);
+        tokio::pin!(first_request);
+        let mut requested = false;
         let s = &config.h2;
         let handshake = h2::server::Builder::new()
             .initial_window_size(s.initial_stream_window)
@@ -213,6 +240,7 @@ impl<H: ConnectHandler> HboneServer<H> {
                     None => break,
                     Some(Err(e)) => return Err(TunnelError::Connection(e)),
                     Some(Ok((request, respond))) => {
+                        requested = true;
                         relays.spawn(serve_stream(
                             request,
                             respond,
@@ -225,6 +253,9 @@ impl<H: ConnectHandler> HboneServer<H> {
                 () = &mut drain, if !goaway_sent => {
                     goaway_sent = true;
                     connection.graceful_shutdown();
+                }
+                _ = &mut first_request, if !requested => {
+                    return Err(TunnelError::RequestTimeout(config.request_timeout));
                 }
                 timeout = &mut keepalive_fut => {
                     return Err(TunnelError::KeepaliveTimeout(timeout));
@@ -251,7 +282,7 @@ pub async fn serve_connection<T: AsyncIo, H: ConnectHandler>(
 
 /// Why a request is answered 400 before reaching the handler.
 #[derive(Debug, thiserror::Error)]
-enum BadRequest {
+pub enum BadRequest {
     #[error("method {0} is not CONNECT")]
     Method(Method),
     #[error("CONNECT with :scheme or :path")]
@@ -262,14 +293,17 @@ enum BadRequest {
     NotLocal { target: IpAddr, expected: IpAddr },
 }
 
-fn validate(
-    request: &Request<RecvStream>,
+/// Checks the head of an inbound request (what a peer sent in its HEADERS) and reads the CONNECT out
+/// of it. Pure: no I/O, so the fuzzer drives it with arbitrary heads.
+pub fn validate_connect(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
     expected_local_ip: Option<IpAddr>,
 ) -> Result<ConnectRequest, BadRequest> {
-    if request.method() != Method::CONNECT {
-        return Err(BadRequest::Method(request.method().clone()));
+    if method != Method::CONNECT {
+        return Err(BadRequest::Method(method.clone()));
     }
-    let uri = request.uri();
     // h2 already resets plain CONNECTs carrying these (RFC 9113 §8.5); this covers what gets through.
     if uri.scheme().is_some() || uri.path_and_query().is_some() {
         return Err(BadRequest::SchemeOrPath);
@@ -283,15 +317,14 @@ fn validate(
             expected,
         });
     }
-    let forwarded_for = request
-        .headers()
+    let forwarded_for = headers
         .get(FORWARDED)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_forwarded);
     Ok(ConnectRequest {
         target,
         forwarded_for,
-        headers: request.headers().clone(),
+        headers: headers.clone(),
     })
 }
 
@@ -309,7 +342,12 @@ async fn serve_stream<H: ConnectHandler>(
     handler: Arc<H>,
     expected_local_ip: Option<IpAddr>,
 ) {
-    let connect = match validate(&request, expected_local_ip) {
+    let connect = match validate_connect(
+        request.method(),
+        request.uri(),
+        request.headers(),
+        expected_local_ip,
+    ) {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(error = %e, "HBONE request rejected");

@@ -1,12 +1,12 @@
 //! Inbound: connections steered by `sk_lookup` to the agent's sockets in the destination pod's netns —
 //! plaintext from outside the mesh, or HBONE (mutual TLS) from other agents. Their local address is
 //! the one the client dialled.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
 use super::{
-    ConnectRequest, HboneServer, Reject, ServerConfig, Upstream,
+    ConnectRequest, HboneServer, Reject, TunnelError, Upstream,
     conn::{ConnRecord, Direction, Ends, Outcome},
     conns::PolicyInput,
     deliver,
@@ -20,8 +20,6 @@ use crate::{
     config::InboundMode,
     tls,
 };
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn handle_plaintext(mesh: &Mesh, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
     let dst = match client.local_addr() {
@@ -105,11 +103,23 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
         Ok(a) => a,
         Err(e) => return fail(e.to_string()),
     };
+    let metrics = &mesh.metrics;
+    // Taken before reading a byte: an anonymous peer holds a slot only while its handshake may run.
+    let slot = match mesh.handshake_slots.try_acquire(peer.ip()) {
+        Ok(slot) => slot,
+        Err(e) => {
+            metrics.hbone_refused(RefusedReason::Overloaded);
+            reset(tcp);
+            return fail(e.to_string());
+        }
+    };
+    metrics.set_pending_handshakes(mesh.handshake_slots.pending());
     let _ = tcp.set_nodelay(true);
     let accept = tokio_rustls::TlsAcceptor::from(server_tls).accept(tcp);
     let started = std::time::Instant::now();
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await;
-    let metrics = &mesh.metrics;
+    let handshake = tokio::time::timeout(mesh.handshake_timeout, accept).await;
+    drop(slot);
+    metrics.set_pending_handshakes(mesh.handshake_slots.pending());
     metrics.tls_handshake(
         HandshakeDirection::Inbound,
         matches!(handshake, Ok(Ok(_))),
@@ -204,10 +214,21 @@ pub async fn handle_hbone(mesh: Arc<Mesh>, pod: Arc<PodCtx>, tcp: TcpStream, pee
             }
         }
     });
-    if let Err(e) = HboneServer::new(handler, ServerConfig::default())
+    match HboneServer::new(handler, mesh.hbone_server.clone())
         .serve_connection_until(tls, Some(local.ip()), mesh.drained())
         .await
     {
-        tracing::debug!(target: "ferry::hbone", pod = %pod.name, %peer, error = %e, "HBONE connection ended");
+        Ok(()) => {}
+        Err(e @ TunnelError::RequestTimeout(_)) => {
+            metrics.hbone_refused(RefusedReason::RequestTimeout);
+            fail(e.to_string());
+        }
+        Err(e @ TunnelError::HandshakeTimeout(_)) => {
+            metrics.hbone_refused(RefusedReason::Timeout);
+            fail(e.to_string());
+        }
+        Err(e) => {
+            tracing::debug!(target: "ferry::hbone", pod = %pod.name, %peer, error = %e, "HBONE connection ended");
+        }
     }
 }

@@ -9,8 +9,8 @@ use std::{
 use rustls::pki_types::ServerName;
 
 use super::{
-    CONNECT_TIMEOUT, HboneClient, Pool, PoolConfig, PooledClient, TunnelError, connect_in,
-    conns::ConnTable,
+    CONNECT_TIMEOUT, HboneClient, Pool, PoolConfig, PooledClient, ServerConfig, TunnelError,
+    connect_in, conns::ConnTable, limits::HandshakeSlots,
 };
 use crate::{
     admin::{
@@ -84,6 +84,12 @@ pub struct Mesh {
     pub pool: Pool<PoolKey>,
     pub conns: Arc<ConnTable>,
     pub metrics: Arc<Metrics>,
+    /// Inbound HBONE: how long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// Inbound HBONE: the bounds on unfinished TLS handshakes.
+    pub handshake_slots: Arc<HandshakeSlots>,
+    /// Inbound HBONE: HTTP/2 settings and time limits after the TLS handshake.
+    pub hbone_server: ServerConfig,
     policies: RwLock<PolicySet>,
     workloads: RwLock<Arc<WorkloadSet>>,
     local: RwLock<HashMap<IpAddr, Arc<PodCtx>>>,
@@ -111,6 +117,12 @@ impl Mesh {
             pool: Pool::new(PoolConfig::default()),
             conns: Arc::new(ConnTable::default()),
             metrics,
+            handshake_timeout: cfg.hbone.handshake_timeout,
+            handshake_slots: HandshakeSlots::new(
+                cfg.hbone.max_pending_handshakes,
+                cfg.hbone.max_pending_handshakes_per_peer,
+            ),
+            hbone_server: ServerConfig::from_limits(&cfg.hbone),
             policies: RwLock::new(PolicySet::default()),
             workloads: RwLock::new(Arc::new(WorkloadSet::default())),
             local: RwLock::new(HashMap::new()),

@@ -59,6 +59,7 @@ pub mod hbone_client;
 pub mod hbone_server;
 pub mod inbound;
 pub mod kill;
+pub mod limits;
 pub mod mesh;
 pub mod outbound;
 pub mod pool;
@@ -69,8 +70,8 @@ pub use copy::{CopyOutcome, CopyStats, copy_bidirectional};
 pub use error::TunnelError;
 pub use hbone_client::{ClientConfig, HboneClient, HboneStream};
 pub use hbone_server::{
-    BoxFuture, ConnectHandler, ConnectRequest, HboneServer, Reject, ServerConfig, Upstream,
-    serve_connection,
+    BadRequest, BoxFuture, ConnectHandler, ConnectRequest, HboneServer, Reject, ServerConfig,
+    Upstream, serve_connection, validate_connect,
 };
 pub use mesh::{Mesh, PodCtx};
 pub use pool::{Pool, PoolConfig, PoolStats, PooledClient};

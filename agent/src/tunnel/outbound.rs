@@ -111,13 +111,18 @@ pub async fn handle(
                 SocketAddr::new(pod.ip_like(dst.ip()).unwrap_or(peer.ip()), peer.port());
             let mut retried = false;
             let stream = loop {
-                let client = match mesh.hbone_client(pod, dst.ip(), identity.clone()).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        reset(app);
-                        return rec.finish(Outcome::Unreachable(e.to_string()));
-                    }
-                };
+                // Boxed: opening a connection (TCP, TLS, HTTP/2 handshakes) is this future's largest
+                // state, and unboxed it would be part of every connection's task for the
+                // connection's whole life (about 6 KiB each), though most connections find a pooled
+                // one.
+                let client =
+                    match Box::pin(mesh.hbone_client(pod, dst.ip(), identity.clone())).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            reset(app);
+                            return rec.finish(Outcome::Unreachable(e.to_string()));
+                        }
+                    };
                 match client.connect(dst, forwarded).await {
                     Ok(s) => break Ok(s),
                     // The pooled connection was going away (its agent handed over or is stopping):
@@ -201,7 +206,8 @@ where
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 64 * 1024];
+    // Small first, grown while reads fill it (as in copy.rs): the zeroed buffer is resident at once.
+    let mut buf = vec![0u8; super::copy::FIRST_READ];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
@@ -209,5 +215,9 @@ where
         }
         w.write_all(&buf[..n]).await?;
         count(n);
+        let size = super::copy::next_read_size(buf.len(), n);
+        if size > buf.len() {
+            buf.resize(size, 0);
+        }
     }
 }

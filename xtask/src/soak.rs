@@ -1,0 +1,159 @@
+//! `cargo xtask soak`: many concurrent connections through one pair of agents (cross-node), each
+//! carrying its own bytes, checked on return; the agents' memory with all of them open.
+//!
+//! The world: two routed nodes, a client pod on one and a server pod on the other, both enrolled.
+//! `tests/soak/soak.py` (asyncio, one process each) is the load: the client opens every connection
+//! (one-byte round trip each), holds them all, then sends a pattern unique to each connection on all of
+//! them at once, compares the echo, half-closes and reads to EOF. It fails when any connection does not
+//! open or its bytes come back wrong; the memory target (8 MB + 4 KB per connection, each agent) is
+//! reported, not asserted, like the bench's targets.
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use ferry_e2e::{Proc, World};
+use serde_json::Value;
+
+use crate::{
+    Bins,
+    bench::{rss_kib, set_limits},
+};
+
+const PORT: u16 = 9000;
+/// Bytes each connection carries each way.
+const BYTES: u32 = 16 * 1024;
+
+fn soak_py() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/soak/soak.py")
+}
+
+fn progress(start: Instant, text: &str) {
+    eprintln!("[soak {:>6.1}s] {text}", start.elapsed().as_secs_f64());
+}
+
+/// The JSON after `prefix` on a line of the process's output, waiting up to `timeout` for it.
+fn wait_json(p: &Proc, prefix: &str, timeout: Duration) -> Result<Value> {
+    p.wait_for_output(prefix, timeout)?;
+    let out = p.output();
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .context("the line just seen")?;
+    serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))
+}
+
+pub fn run(bins: &Bins, conns: u32) -> Result<()> {
+    let started = Instant::now();
+    let nofile = set_limits()?;
+    // Each agent holds one descriptor per proxied connection, the client and server one each.
+    ensure!(
+        u64::from(conns) + 256 <= nofile,
+        "{conns} connections do not fit RLIMIT_NOFILE {nofile} (raising the hard limit needs CAP_SYS_RESOURCE)"
+    );
+    // SAFETY: single-threaded at this point; the test world reads these to find the binaries.
+    unsafe {
+        std::env::set_var("FERRY_BIN", &bins.ferry);
+        std::env::set_var("FERRY_TESTAPP", &bins.testapp);
+    }
+    progress(started, "building the test world");
+    let mut world = World::new()?;
+    let n1 = world.add_node("n1", 1, true)?;
+    let n2 = world.add_node("n2", 2, true)?;
+    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
+    let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
+    for n in [&n1, &n2] {
+        world.write_workloads(n, &[&client, &server])?;
+    }
+    let agents = [world.start_agent(&n1)?, world.start_agent(&n2)?];
+    for a in &agents {
+        a.wait_for(|l| l.msg() == "pod enrolled", Duration::from_secs(10))?;
+    }
+    let mut srv = server.command("python3");
+    srv.arg(soak_py())
+        .args(["server", "--port", &PORT.to_string()]);
+    let srv = world.spawn(srv, "soak-server")?;
+    srv.wait_for_output("listening", Duration::from_secs(10))?;
+    let to = format!("{}:{PORT}", server.ip4);
+    let client_run = |count: u32, label: &str| -> Result<(Proc, PathBuf)> {
+        let go = world.dir.join(format!("{label}.go"));
+        let mut c = client.command("python3");
+        c.arg(soak_py()).args([
+            "client",
+            "--to",
+            &to,
+            "--count",
+            &count.to_string(),
+            "--bytes",
+            &BYTES.to_string(),
+            "--go",
+        ]);
+        c.arg(&go);
+        Ok((world.spawn(c, label)?, go))
+    };
+
+    // A few connections first, so the idle figures are of agents that have carried traffic.
+    let (warm, go) = client_run(20, "warm-up")?;
+    std::fs::write(&go, "")?;
+    let w = wait_json(&warm, "DONE ", Duration::from_secs(60))?;
+    ensure!(w["intact"] == 20, "warm-up: {w}");
+    std::thread::sleep(Duration::from_secs(2));
+    let idle: Vec<u64> = agents
+        .iter()
+        .map(|a| rss_kib(a.pid))
+        .collect::<Result<_>>()?;
+
+    progress(started, &format!("opening {conns} connections"));
+    let (load, go) = client_run(conns, "soak-client")?;
+    // Opening runs at some hundreds per second here; allow for a slow, shared machine.
+    let open_limit = Duration::from_secs(60 + u64::from(conns) / 20);
+    let opened = wait_json(&load, "OPEN ", open_limit)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let open: Vec<u64> = agents
+        .iter()
+        .map(|a| rss_kib(a.pid))
+        .collect::<Result<_>>()?;
+    progress(started, &format!("opened: {opened}; carrying bytes on all"));
+    std::fs::write(&go, "")?;
+    let done = wait_json(&load, "DONE ", open_limit)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let after: Vec<u64> = agents
+        .iter()
+        .map(|a| rss_kib(a.pid))
+        .collect::<Result<_>>()?;
+    progress(started, &format!("done: {done}"));
+
+    let n = f64::from(conns);
+    let target_kib = (8_000_000.0 + 4_000.0 * n) / 1024.0;
+    println!(
+        "\n### Soak: {conns} concurrent connections, cross-node, {BYTES} B each way on each\n\nopened in {:.1} s, carried in {:.1} s; intact {} / failed {}\n\n| agent | idle RSS | with {conns} open | per connection | after close | target 8 MB + 4 KB/conn |\n| --- | --- | --- | --- | --- | --- |",
+        opened["elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        done["elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        done["intact"],
+        done["failed"],
+    );
+    for (i, a) in agents.iter().enumerate() {
+        let per = (open[i] as f64 - idle[i] as f64) * 1024.0 / n;
+        let met = (open[i] as f64) <= target_kib;
+        println!(
+            "| {} ({}) | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} MiB | {} ({:.1} MiB) |",
+            a.node,
+            if i == 0 { "client side" } else { "server side" },
+            idle[i] as f64 / 1024.0,
+            open[i] as f64 / 1024.0,
+            per / 1024.0,
+            after[i] as f64 / 1024.0,
+            if met { "met" } else { "**missed**" },
+            target_kib / 1024.0,
+        );
+    }
+    if opened["open"] != conns || done["intact"] != conns {
+        bail!(
+            "not every connection completed intact: opened {opened}, done {done} (client output in {})",
+            load.out.display()
+        );
+    }
+    drop(world);
+    Ok(())
+}

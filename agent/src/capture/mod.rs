@@ -8,6 +8,7 @@
 //! to it are dropped (its `sk_lookup` finds no agent socket): capture fails closed.
 mod bpf;
 mod pod;
+pub mod splice;
 
 pub use bpf::{Counters, DeliveryGuard, uninstall};
 pub use pod::{EnrolledPod, PodAddrs, PodListeners};

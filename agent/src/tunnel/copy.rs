@@ -1,12 +1,16 @@
 //! The relay between an HBONE stream (h2 send + receive halves) and a TCP-like stream.
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::TunnelError;
+use crate::capture::splice::Joined;
 
 /// Largest read from the local stream: with h2's capacity reservation this bounds what one direction of
 /// one relay holds in memory.
@@ -14,10 +18,21 @@ pub const CHUNK: usize = 64 * 1024;
 
 /// Byte counters of one relay, readable while it runs (access log, metrics). `sent` counts bytes that
 /// went from the local stream into the tunnel, `received` bytes from the tunnel to the local stream.
-#[derive(Debug, Default)]
+/// Bytes the kernel carries on the same-node fast path are counted there and added in.
+#[derive(Default)]
 pub struct CopyStats {
     sent: AtomicU64,
     received: AtomicU64,
+    kernel: Mutex<Option<Arc<Joined>>>,
+}
+
+impl std::fmt::Debug for CopyStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyStats")
+            .field("sent", &self.sent())
+            .field("received", &self.received())
+            .finish()
+    }
 }
 
 impl CopyStats {
@@ -27,12 +42,45 @@ impl CopyStats {
 
     /// Bytes handed to h2 for sending to the peer so far.
     pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        self.sent.load(Ordering::Relaxed) + self.in_kernel().0
     }
 
     /// Bytes written to the local stream so far.
     pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.received.load(Ordering::Relaxed) + self.in_kernel().1
+    }
+
+    /// Bytes relayed by userspace only: (sent, received).
+    pub(crate) fn in_user(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+
+    fn in_kernel(&self) -> (u64, u64) {
+        self.kernel
+            .lock()
+            .ok()
+            .and_then(|k| k.as_ref().map(|j| j.redirected()))
+            .unwrap_or((0, 0))
+    }
+
+    /// From now on also counts what the kernel carries for this joined pair (`a` → `b` is sent).
+    pub(crate) fn add_kernel(&self, joined: Arc<Joined>) {
+        if let Ok(mut k) = self.kernel.lock() {
+            *k = Some(joined);
+        }
+    }
+
+    /// Folds the kernel's final counts into the totals and lets go of the joined pair.
+    pub(crate) fn settle_kernel(&self) {
+        let Some(joined) = self.kernel.lock().ok().and_then(|mut k| k.take()) else {
+            return;
+        };
+        let (sent, received) = joined.redirected();
+        self.add_sent(sent as usize);
+        self.add_received(received as usize);
     }
 
     pub(crate) fn add_sent(&self, n: usize) {

@@ -76,7 +76,7 @@ async fn permissive(
             };
             rec.track(&mesh.metrics, &ends);
             let reg = mesh.conns.register(rec.live(Some(policy)));
-            rec.finish(splice(client, app, &reg.entry.stats, &reg.entry.kill).await)
+            rec.finish(splice(client, app, &reg.entry.stats, &reg.entry.kill, None).await)
         }
         Err(e) => {
             reset(client);

@@ -1,5 +1,9 @@
 //! Outbound: a pod's captured connect, accepted on the agent's listener inside the pod's netns.
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    sync::Arc,
+};
 
 use tokio::net::TcpStream;
 
@@ -13,7 +17,10 @@ use super::{
     mesh::{Mesh, Route},
     reset,
 };
-use crate::config::OutboundUnknown;
+use crate::{
+    capture::splice::{Joined, Side, Splice},
+    config::OutboundUnknown,
+};
 
 pub async fn handle(
     mesh: &Mesh,
@@ -53,7 +60,9 @@ pub async fn handle(
                         };
                         rec.track(&mesh.metrics, &ends);
                         let reg = mesh.conns.register(rec.live(None));
-                        rec.finish(splice(app, upstream, &reg.entry.stats, &reg.entry.kill).await)
+                        rec.finish(
+                            splice(app, upstream, &reg.entry.stats, &reg.entry.kill, None).await,
+                        )
                     }
                     Err(e) => {
                         reset(app);
@@ -89,7 +98,8 @@ pub async fn handle(
                     };
                     rec.track(&mesh.metrics, &ends);
                     let reg = mesh.conns.register(rec.live(Some(policy)));
-                    rec.finish(splice(app, upstream, &reg.entry.stats, &reg.entry.kill).await)
+                    let fast = mesh.capture.splice();
+                    rec.finish(splice(app, upstream, &reg.entry.stats, &reg.entry.kill, fast).await)
                 }
                 Err(e) => {
                     reset(app);
@@ -151,18 +161,52 @@ pub async fn handle(
 
 /// Copies both ways between two TCP streams with half-close carried through (EOF on one side shuts
 /// down the other's write half), counting as bytes flow: `sent` is `a` → `b`.
+///
+/// With `fast`, the two sockets are first joined in the kernel (the same-node fast path): their bytes
+/// then flow without crossing userspace, and userspace only waits for each end of stream (a read of 0
+/// bytes) to carry it on once the kernel has handed over every byte before it. If joining fails the
+/// relay runs in userspace.
 pub async fn splice(
     mut a: TcpStream,
     mut b: TcpStream,
     stats: &CopyStats,
     kill: &KillSwitch,
+    fast: Option<&Arc<Splice>>,
 ) -> Outcome {
     let _ = a.set_nodelay(true);
     let _ = b.set_nodelay(true);
+    let joined = fast.and_then(|s| match s.join(&a, &b) {
+        Ok(j) => Some(Arc::new(j)),
+        Err(e) => {
+            tracing::warn!(error = %e, "same-node fast path not used for this connection");
+            None
+        }
+    });
+    if let Some(j) = &joined {
+        stats.add_kernel(j.clone());
+    }
+    let (fd_a, fd_b) = (a.as_raw_fd(), b.as_raw_fd());
     let (mut ar, mut aw) = a.split();
     let (mut br, mut bw) = b.split();
-    let up = pump(&mut ar, &mut bw, |n| stats.add_sent(n));
-    let down = pump(&mut br, &mut aw, |n| stats.add_received(n));
+    let drained = |to: Side| {
+        let joined = joined.clone();
+        let fd = if to == Side::A { fd_a } else { fd_b };
+        async move {
+            let Some(j) = joined else { return Ok(()) };
+            wait_drained(&j, to, fd, || {
+                let (sent, received) = stats.in_user();
+                if to == Side::B { sent } else { received }
+            })
+            .await
+        }
+    };
+    let up = pump(&mut ar, &mut bw, |n| stats.add_sent(n), drained(Side::B));
+    let down = pump(
+        &mut br,
+        &mut aw,
+        |n| stats.add_received(n),
+        drained(Side::A),
+    );
     // Either direction failing ends both: the sockets are dropped together when this returns.
     let result = tokio::select! {
         r = async { tokio::try_join!(up, down) } => r,
@@ -171,6 +215,7 @@ pub async fn splice(
             "closed by a policy change",
         )),
     };
+    stats.settle_kernel();
     match result {
         Ok(_) => Outcome::Closed {
             sent: stats.sent(),
@@ -184,7 +229,29 @@ pub async fn splice(
     }
 }
 
-async fn pump<R, W>(r: &mut R, w: &mut W, count: impl Fn(usize)) -> std::io::Result<()>
+/// Waits until the kernel has handed `to` every byte it redirected into it (see [`Joined::drained`]).
+async fn wait_drained(
+    joined: &Joined,
+    to: Side,
+    fd: RawFd,
+    user: impl Fn() -> u64,
+) -> std::io::Result<()> {
+    // SAFETY: the descriptor belongs to a stream the caller keeps open while this runs.
+    let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+    let mut pause = std::time::Duration::from_micros(50);
+    while !joined.drained(to, &sock, user())? {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: impl Fn(usize),
+    before_shutdown: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -194,6 +261,7 @@ where
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
+            before_shutdown.await?;
             return w.shutdown().await;
         }
         w.write_all(&buf[..n]).await?;

@@ -182,6 +182,7 @@ pub async fn run(cfg: NodeConfig) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                daemon.mesh.conns.release_memory_if_shrunk();
                 let mut changed = false;
                 match crate::config::read_file(&cfg.workloads) {
                     Ok(text) if text != workloads_text => {

@@ -16,6 +16,19 @@ use crate::capture::splice::Joined;
 /// one relay holds in memory.
 pub const CHUNK: usize = 64 * 1024;
 
+/// The first read of a relay direction. Reads grow towards [`CHUNK`] while they come back full, so an
+/// idle or chatty connection holds a small buffer and a bulk one soon reads in large ones.
+pub const FIRST_READ: usize = 2 * 1024;
+
+/// The size of the next read after one of `n` bytes into a buffer of `want`.
+pub fn next_read_size(want: usize, n: usize) -> usize {
+    if n >= want {
+        (want * 2).min(CHUNK)
+    } else {
+        want
+    }
+}
+
 /// Byte counters of one relay, readable while it runs (access log, metrics). `sent` counts bytes that
 /// went from the local stream into the tunnel, `received` bytes from the tunnel to the local stream.
 /// Bytes the kernel carries on the same-node fast path are counted there and added in.
@@ -143,9 +156,10 @@ async fn local_to_tunnel<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(CHUNK);
+    let mut buf = BytesMut::new();
+    let mut want = FIRST_READ;
     loop {
-        buf.reserve(CHUNK);
+        buf.reserve(want);
         // While the app is silent, a reset of the stream must still end the relay: otherwise a
         // half-closed stream (peer done sending) would wait on the app forever.
         let n = tokio::select! {
@@ -162,6 +176,7 @@ where
                 .map_err(TunnelError::from_stream)?;
             return Ok(());
         }
+        want = next_read_size(want, n);
         let chunk = buf.split().freeze();
         send_all(send, chunk, stats).await?;
     }
@@ -237,4 +252,26 @@ where
     }
     io.shutdown().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_grow_while_full_up_to_a_chunk_and_stay_small_otherwise() {
+        let mut want = FIRST_READ;
+        for _ in 0..3 {
+            want = next_read_size(want, 1);
+        }
+        assert_eq!(want, FIRST_READ, "small reads keep the first size");
+        let mut steps = 0;
+        while want < CHUNK {
+            want = next_read_size(want, want);
+            steps += 1;
+        }
+        assert_eq!(want, CHUNK);
+        assert!(steps <= 6, "bulk reaches full-size reads within a few reads");
+        assert_eq!(next_read_size(CHUNK, CHUNK), CHUNK, "never beyond a chunk");
+    }
 }

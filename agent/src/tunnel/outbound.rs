@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use super::{
     CopyStats, PodCtx, TunnelError,
+    copy::{FIRST_READ, next_read_size},
     conn::{ConnRecord, Direction, Ends, Outcome},
     connect_in,
     conns::PolicyInput,
@@ -257,14 +258,20 @@ where
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 64 * 1024];
+    // Not zero-filled and grown only while reads come back full: on the fast path userspace only
+    // ever sees the end of stream, and an idle connection keeps a small buffer.
+    let mut buf = Vec::new();
+    let mut want = FIRST_READ;
     loop {
-        let n = r.read(&mut buf).await?;
+        buf.clear();
+        buf.reserve(want);
+        let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             before_shutdown.await?;
             return w.shutdown().await;
         }
         w.write_all(&buf[..n]).await?;
         count(n);
+        want = next_read_size(want, n);
     }
 }

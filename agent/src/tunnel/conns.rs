@@ -167,10 +167,18 @@ mod tests {
         assert_eq!(table.peak.load(Ordering::Relaxed), 100);
         open.truncate(60);
         table.release_memory_if_shrunk();
-        assert_eq!(table.peak.load(Ordering::Relaxed), 100, "60 of 100 open: no trim yet");
+        assert_eq!(
+            table.peak.load(Ordering::Relaxed),
+            100,
+            "60 of 100 open: no trim yet"
+        );
         open.truncate(50);
         table.release_memory_if_shrunk();
-        assert_eq!(table.peak.load(Ordering::Relaxed), 50, "trimmed at half: the peak restarts");
+        assert_eq!(
+            table.peak.load(Ordering::Relaxed),
+            50,
+            "trimmed at half: the peak restarts"
+        );
         open.clear();
         table.release_memory_if_shrunk();
         assert_eq!(table.peak.load(Ordering::Relaxed), 0);

@@ -271,7 +271,10 @@ mod tests {
             steps += 1;
         }
         assert_eq!(want, CHUNK);
-        assert!(steps <= 6, "bulk reaches full-size reads within a few reads");
+        assert!(
+            steps <= 6,
+            "bulk reaches full-size reads within a few reads"
+        );
         assert_eq!(next_read_size(CHUNK, CHUNK), CHUNK, "never beyond a chunk");
     }
 }

@@ -12,8 +12,8 @@ use super::{
     deliver,
     kill::Killable,
     mesh::{Mesh, PodCtx},
-    outbound::splice,
     reset,
+    splice::splice,
 };
 use crate::{
     admin::metrics::{Direction as HandshakeDirection, RefusedReason},

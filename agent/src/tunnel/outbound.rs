@@ -1,27 +1,19 @@
 //! Outbound: a pod's captured connect, accepted on the agent's listener inside the pod's netns.
-use std::{
-    net::SocketAddr,
-    os::fd::{AsRawFd, BorrowedFd, RawFd},
-    sync::Arc,
-};
+use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
 use super::{
-    CopyStats, PodCtx, TunnelError,
-    copy::{FIRST_READ, next_read_size},
+    PodCtx, TunnelError,
     conn::{ConnRecord, Direction, Ends, Outcome},
     connect_in,
     conns::PolicyInput,
     deliver,
-    kill::KillSwitch,
     mesh::{Mesh, Route},
     reset,
+    splice::splice,
 };
-use crate::{
-    capture::splice::{Joined, Side, Splice},
-    config::OutboundUnknown,
-};
+use crate::config::OutboundUnknown;
 
 pub async fn handle(
     mesh: &Mesh,
@@ -157,121 +149,5 @@ pub async fn handle(
             };
             rec.finish(outcome);
         }
-    }
-}
-
-/// Copies both ways between two TCP streams with half-close carried through (EOF on one side shuts
-/// down the other's write half), counting as bytes flow: `sent` is `a` → `b`.
-///
-/// With `fast`, the two sockets are first joined in the kernel (the same-node fast path): their bytes
-/// then flow without crossing userspace, and userspace only waits for each end of stream (a read of 0
-/// bytes) to carry it on once the kernel has handed over every byte before it. If joining fails the
-/// relay runs in userspace.
-pub async fn splice(
-    mut a: TcpStream,
-    mut b: TcpStream,
-    stats: &CopyStats,
-    kill: &KillSwitch,
-    fast: Option<&Arc<Splice>>,
-) -> Outcome {
-    let _ = a.set_nodelay(true);
-    let _ = b.set_nodelay(true);
-    let joined = fast.and_then(|s| match s.join(&a, &b) {
-        Ok(j) => Some(Arc::new(j)),
-        Err(e) => {
-            tracing::warn!(error = %e, "same-node fast path not used for this connection");
-            None
-        }
-    });
-    if let Some(j) = &joined {
-        stats.add_kernel(j.clone());
-    }
-    let (fd_a, fd_b) = (a.as_raw_fd(), b.as_raw_fd());
-    let (mut ar, mut aw) = a.split();
-    let (mut br, mut bw) = b.split();
-    let drained = |to: Side| {
-        let joined = joined.clone();
-        let fd = if to == Side::A { fd_a } else { fd_b };
-        async move {
-            let Some(j) = joined else { return Ok(()) };
-            wait_drained(&j, to, fd, || {
-                let (sent, received) = stats.in_user();
-                if to == Side::B { sent } else { received }
-            })
-            .await
-        }
-    };
-    let up = pump(&mut ar, &mut bw, |n| stats.add_sent(n), drained(Side::B));
-    let down = pump(
-        &mut br,
-        &mut aw,
-        |n| stats.add_received(n),
-        drained(Side::A),
-    );
-    // Either direction failing ends both: the sockets are dropped together when this returns.
-    let result = tokio::select! {
-        r = async { tokio::try_join!(up, down) } => r,
-        () = kill.killed() => Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionAborted,
-            "closed by a policy change",
-        )),
-    };
-    stats.settle_kernel();
-    match result {
-        Ok(_) => Outcome::Closed {
-            sent: stats.sent(),
-            received: stats.received(),
-        },
-        Err(e) => Outcome::Error {
-            sent: stats.sent(),
-            received: stats.received(),
-            error: e.to_string(),
-        },
-    }
-}
-
-/// Waits until the kernel has handed `to` every byte it redirected into it (see [`Joined::drained`]).
-async fn wait_drained(
-    joined: &Joined,
-    to: Side,
-    fd: RawFd,
-    user: impl Fn() -> u64,
-) -> std::io::Result<()> {
-    // SAFETY: the descriptor belongs to a stream the caller keeps open while this runs.
-    let sock = unsafe { BorrowedFd::borrow_raw(fd) };
-    let mut pause = std::time::Duration::from_micros(50);
-    while !joined.drained(to, &sock, user())? {
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(std::time::Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-async fn pump<R, W>(
-    r: &mut R,
-    w: &mut W,
-    count: impl Fn(usize),
-    before_shutdown: impl std::future::Future<Output = std::io::Result<()>>,
-) -> std::io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Not zero-filled and grown only while reads come back full: on the fast path userspace only
-    // ever sees the end of stream, and an idle connection keeps a small buffer.
-    let mut buf = Vec::new();
-    let mut want = FIRST_READ;
-    loop {
-        buf.clear();
-        buf.reserve(want);
-        let n = r.read_buf(&mut buf).await?;
-        if n == 0 {
-            before_shutdown.await?;
-            return w.shutdown().await;
-        }
-        w.write_all(&buf[..n]).await?;
-        count(n);
-        want = next_read_size(want, n);
     }
 }

@@ -15,6 +15,9 @@ use super::{
 };
 use crate::config::OutboundUnknown;
 
+/// The connection's task lives as long as the connection, sized by its largest state: the set-up
+/// steps (TCP and TLS handshakes, the CONNECT exchange) are boxed, so only the relay's state stays
+/// allocated for an idle connection.
 pub async fn handle(
     mesh: &Mesh,
     pod: &PodCtx,
@@ -43,7 +46,7 @@ pub async fn handle(
             }
             OutboundUnknown::Passthrough => {
                 rec.route = "passthrough";
-                match connect_in(&pod.netns, dst).await {
+                match Box::pin(connect_in(&pod.netns, dst)).await {
                     Ok(upstream) => {
                         let ends = Ends {
                             src: Ends::workload(&pod.name),
@@ -74,7 +77,7 @@ pub async fn handle(
                 return rec.finish(Outcome::Refused(decision.to_string()));
             }
             let src_ip = pod.ip_like(dst.ip());
-            match deliver(&mesh.capture, &dst_pod, src_ip, dst).await {
+            match Box::pin(deliver(&mesh.capture, &dst_pod, src_ip, dst)).await {
                 Ok(upstream) => {
                     let policy = PolicyInput {
                         source: pod.identity.clone(),
@@ -110,7 +113,7 @@ pub async fn handle(
                 dst_principal: Some(identity.principal()),
                 mutual_tls: true,
             };
-            let client = match mesh.hbone_client(pod, dst.ip(), identity).await {
+            let client = match Box::pin(mesh.hbone_client(pod, dst.ip(), identity)).await {
                 Ok(c) => c,
                 Err(e) => {
                     reset(app);
@@ -119,7 +122,7 @@ pub async fn handle(
             };
             let forwarded =
                 SocketAddr::new(pod.ip_like(dst.ip()).unwrap_or(peer.ip()), peer.port());
-            let stream = match client.connect(dst, forwarded).await {
+            let stream = match Box::pin(client.connect(dst, forwarded)).await {
                 Ok(s) => s,
                 Err(e) => {
                     reset(app);

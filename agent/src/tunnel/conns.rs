@@ -181,7 +181,16 @@ mod tests {
         );
         open.clear();
         table.release_memory_if_shrunk();
-        assert_eq!(table.peak.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            table.peak.load(Ordering::Relaxed),
+            50,
+            "a peak of 50 is below what is worth a trim"
+        );
         assert!(table.is_empty());
+        let again: Vec<Registered> = (0..80).map(|_| table.register(conn())).collect();
+        assert_eq!(table.peak.load(Ordering::Relaxed), 80);
+        drop(again);
+        table.release_memory_if_shrunk();
+        assert_eq!(table.peak.load(Ordering::Relaxed), 0);
     }
 }

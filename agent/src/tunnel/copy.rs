@@ -18,7 +18,7 @@ pub const CHUNK: usize = 64 * 1024;
 
 /// The first read of a relay direction. Reads grow towards [`CHUNK`] while they come back full, so an
 /// idle or chatty connection holds a small buffer and a bulk one soon reads in large ones.
-pub const FIRST_READ: usize = 2 * 1024;
+pub const FIRST_READ: usize = 512;
 
 /// The size of the next read after one of `n` bytes into a buffer of `want`.
 pub fn next_read_size(want: usize, n: usize) -> usize {
@@ -272,7 +272,7 @@ mod tests {
         }
         assert_eq!(want, CHUNK);
         assert!(
-            steps <= 6,
+            steps <= 7,
             "bulk reaches full-size reads within a few reads"
         );
         assert_eq!(next_read_size(CHUNK, CHUNK), CHUNK, "never beyond a chunk");

@@ -33,6 +33,7 @@ pub mod maps {
     pub const COUNTERS: &str = "FERRY_COUNTERS";
     pub const SPLICE: &str = "FERRY_SPLICE";
     pub const SPLICE_PEERS: &str = "FERRY_SPLICE_PEERS";
+    pub const SPLICE_COUNTERS: &str = "FERRY_SPLICE_COUNTERS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -144,11 +145,7 @@ pub mod counters {
     pub const INBOUND_BYPASSED: u32 = 4;
     pub const ORIG_DST_RECORDED: u32 = 5;
     pub const INBOUND_DELIVERY_PASSED: u32 = 6;
-    /// Socket buffers the fast path sent on in the kernel.
-    pub const SPLICE_REDIRECTED: u32 = 7;
-    /// Fast-path sockets that fell back to userspace (the peer socket was gone).
-    pub const SPLICE_PASSED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 7;
     pub const NAMES: [&str; COUNT as usize] = [
         "outbound_captured",
         "outbound_bypassed",
@@ -157,9 +154,18 @@ pub mod counters {
         "inbound_bypassed",
         "orig_dst_recorded",
         "inbound_delivery_passed",
-        "splice_redirected",
-        "splice_passed",
     ];
+}
+
+/// Indices of the fast path's per-CPU counters in `FERRY_SPLICE_COUNTERS`: a map of their own, so an
+/// agent re-opening the pinned `FERRY_COUNTERS` of an older agent finds it the size it expects.
+pub mod splice_counters {
+    /// Socket buffers the fast path sent on in the kernel.
+    pub const REDIRECTED: u32 = 0;
+    /// Fast-path sockets that fell back to userspace (the peer socket was gone).
+    pub const PASSED: u32 = 1;
+    pub const COUNT: u32 = 2;
+    pub const NAMES: [&str; COUNT as usize] = ["splice_redirected", "splice_passed"];
 }
 
 #[cfg(feature = "user")]

@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 use ferry_common::{
     DeliveryKey, FAMILY_V4, FAMILY_V6, OrigDst, PodEntry, RawAddr, SOCK_KIND_HBONE,
-    SOCK_KIND_INBOUND, Settings, SocketKey, SplicePeer, TupleKey, counters,
+    SOCK_KIND_INBOUND, Settings, SocketKey, SplicePeer, TupleKey, counters, splice_counters,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -63,12 +63,21 @@ static FERRY_DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(65536,
 static FERRY_SPLICE: SockHash<u64> = SockHash::pinned(65536, 0);
 #[map(name = "FERRY_SPLICE_PEERS")]
 static FERRY_SPLICE_PEERS: LruHashMap<u64, SplicePeer> = LruHashMap::pinned(65536, 0);
+#[map(name = "FERRY_SPLICE_COUNTERS")]
+static FERRY_SPLICE_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(splice_counters::COUNT, 0);
 #[map(name = "FERRY_COUNTERS")]
 static FERRY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 
 #[inline(always)]
 fn count(idx: u32) {
     if let Some(p) = FERRY_COUNTERS.get_ptr_mut(idx) {
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn count_splice(idx: u32) {
+    if let Some(p) = FERRY_SPLICE_COUNTERS.get_ptr_mut(idx) {
         unsafe { *p += 1 };
     }
 }
@@ -412,12 +421,12 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
         let mut peer = (*entry).peer;
         if FERRY_SPLICE.redirect_skb(&ctx, &mut peer, 0) as u32 == sk_action::SK_PASS {
             (*entry).redirected += len;
-            count(counters::SPLICE_REDIRECTED);
+            count_splice(splice_counters::REDIRECTED);
             return sk_action::SK_PASS;
         }
         (*entry).passed = 1;
     }
-    count(counters::SPLICE_PASSED);
+    count_splice(splice_counters::PASSED);
     sk_action::SK_PASS
 }
 

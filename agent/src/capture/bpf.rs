@@ -17,7 +17,7 @@ use aya::{
 };
 use ferry_common::{
     DeliveryKey, MAP_LAYOUT_VERSION, OrigDst, PodEntry, Settings, SocketKey, SplicePeer, TupleKey,
-    counters, maps, programs,
+    counters, maps, programs, splice_counters,
 };
 
 use super::{CaptureError, raw_addr, socket_addr, splice::Splice};
@@ -49,6 +49,7 @@ pub struct Capture {
     sockets: Mutex<SockHash<MapData, SocketKey>>,
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
     counters: PerCpuArray<MapData, u64>,
+    splice_counters: PerCpuArray<MapData, u64>,
     /// The same-node fast path, when enabled and its program attached.
     splice: Option<std::sync::Arc<Splice>>,
     /// Why the fast path is off, for `ferry status` and the log.
@@ -236,6 +237,7 @@ impl Capture {
             sockets: Mutex::new(take_map(&mut ebpf, maps::SOCKETS)?),
             deliveries: Mutex::new(take_map(&mut ebpf, maps::DELIVERIES)?),
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            splice_counters: take_map(&mut ebpf, maps::SPLICE_COUNTERS)?,
             ebpf: Mutex::new(ebpf),
             root,
             reopened,
@@ -384,6 +386,14 @@ impl Capture {
                 .unwrap_or(0);
             out.insert(*name, sum);
         }
+        for (i, name) in splice_counters::NAMES.iter().enumerate() {
+            let sum = self
+                .splice_counters
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+            out.insert(*name, sum);
+        }
         out
     }
 }
@@ -446,7 +456,7 @@ where
 }
 
 /// Key and value sizes of every pinned map, as this agent's programs use them.
-fn expected_layouts() -> [(&'static str, usize, usize); 14] {
+fn expected_layouts() -> [(&'static str, usize, usize); 15] {
     use std::mem::size_of;
     [
         (maps::META, 4, 4),
@@ -467,6 +477,7 @@ fn expected_layouts() -> [(&'static str, usize, usize); 14] {
         (maps::COUNTERS, 4, 8),
         (maps::SPLICE, 8, 4),
         (maps::SPLICE_PEERS, 8, size_of::<SplicePeer>()),
+        (maps::SPLICE_COUNTERS, 4, 8),
     ]
 }
 

@@ -31,6 +31,9 @@ pub mod maps {
     pub const SOCKETS: &str = "FERRY_SOCKETS";
     pub const DELIVERIES: &str = "FERRY_DELIVERIES";
     pub const COUNTERS: &str = "FERRY_COUNTERS";
+    pub const SPLICE: &str = "FERRY_SPLICE";
+    pub const SPLICE_PEERS: &str = "FERRY_SPLICE_PEERS";
+    pub const SPLICE_COUNTERS: &str = "FERRY_SPLICE_COUNTERS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -41,6 +44,7 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "ferry_getpeername6";
     pub const SOCKOPS: &str = "ferry_sockops_established";
     pub const SK_LOOKUP: &str = "ferry_sk_lookup";
+    pub const SPLICE_VERDICT: &str = "ferry_splice_verdict";
 }
 
 /// Node-wide settings the agent writes once into `FERRY_SETTINGS[0]`.
@@ -115,6 +119,23 @@ pub struct DeliveryKey {
     pub dst: RawAddr,
 }
 
+/// Value of `FERRY_SPLICE_PEERS`, keyed by the socket cookie of one of the agent's two sockets of a
+/// same-node connection joined in the kernel (the fast path): where its received bytes go, and how many
+/// went there without crossing userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplicePeer {
+    /// Cookie of the other socket, its key in `FERRY_SPLICE`.
+    pub peer: u64,
+    /// Bytes received on this socket and sent out of the peer socket by the kernel.
+    pub redirected: u64,
+    /// Set by the verdict program once it could not redirect (the peer socket was not, or no longer,
+    /// in `FERRY_SPLICE`): from then on every byte of this socket goes to userspace, so bytes never
+    /// overtake each other between the two paths.
+    pub passed: u32,
+    pub _pad: u32,
+}
+
 /// Indices of the per-CPU counters in `FERRY_COUNTERS`.
 pub mod counters {
     pub const OUTBOUND_CAPTURED: u32 = 0;
@@ -136,6 +157,17 @@ pub mod counters {
     ];
 }
 
+/// Indices of the fast path's per-CPU counters in `FERRY_SPLICE_COUNTERS`: a map of their own, so an
+/// agent re-opening the pinned `FERRY_COUNTERS` of an older agent finds it the size it expects.
+pub mod splice_counters {
+    /// Socket buffers the fast path sent on in the kernel.
+    pub const REDIRECTED: u32 = 0;
+    /// Fast-path sockets that fell back to userspace (the peer socket was gone).
+    pub const PASSED: u32 = 1;
+    pub const COUNT: u32 = 2;
+    pub const NAMES: [&str; COUNT as usize] = ["splice_redirected", "splice_passed"];
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -147,6 +179,7 @@ mod user {
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for SocketKey {}
     unsafe impl aya::Pod for DeliveryKey {}
+    unsafe impl aya::Pod for SplicePeer {}
 }
 
 #[cfg(test)]
@@ -164,5 +197,6 @@ mod tests {
         assert_eq!(size_of::<TupleKey>(), 32);
         assert_eq!(size_of::<SocketKey>(), 24);
         assert_eq!(size_of::<DeliveryKey>(), 40);
+        assert_eq!(size_of::<SplicePeer>(), 24);
     }
 }

@@ -9,6 +9,10 @@
 //! - `sk_lookup` on each enrolled pod netns: inbound connections arriving from outside the netns go to
 //!   the agent's socket for that netns; with no agent socket they are dropped (fail closed). Connections
 //!   arriving on loopback (the agent's own deliveries, the pod talking to itself) pass.
+//! - `sk_skb/stream_verdict` on `FERRY_SPLICE` (the same-node fast path): once the agent has authorized
+//!   a same-node connection it puts its two sockets (the app's captured connection and the delivery to
+//!   the destination app) into `FERRY_SPLICE`, and the bytes each receives are sent out of the other by
+//!   the kernel, counted per socket in `FERRY_SPLICE_PEERS`.
 #![no_std]
 #![no_main]
 
@@ -18,13 +22,13 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, bpf_sock_addr, sk_action},
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use ferry_common::{
     DeliveryKey, FAMILY_V4, FAMILY_V6, OrigDst, PodEntry, RawAddr, SOCK_KIND_HBONE,
-    SOCK_KIND_INBOUND, Settings, SocketKey, TupleKey, counters,
+    SOCK_KIND_INBOUND, Settings, SocketKey, SplicePeer, TupleKey, counters, splice_counters,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -55,6 +59,12 @@ static FERRY_EXCLUDE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(256, BPF_F_NO_P
 static FERRY_SOCKETS: SockHash<SocketKey> = SockHash::pinned(65536, 0);
 #[map(name = "FERRY_DELIVERIES")]
 static FERRY_DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(65536, 0);
+#[map(name = "FERRY_SPLICE")]
+static FERRY_SPLICE: SockHash<u64> = SockHash::pinned(65536, 0);
+#[map(name = "FERRY_SPLICE_PEERS")]
+static FERRY_SPLICE_PEERS: LruHashMap<u64, SplicePeer> = LruHashMap::pinned(65536, 0);
+#[map(name = "FERRY_SPLICE_COUNTERS")]
+static FERRY_SPLICE_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(splice_counters::COUNT, 0);
 #[map(name = "FERRY_COUNTERS")]
 static FERRY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 
@@ -69,6 +79,13 @@ const COUNT_STEP: u64 = if cfg!(feature = "upgrade-test-variant") {
 fn count(idx: u32) {
     if let Some(p) = FERRY_COUNTERS.get_ptr_mut(idx) {
         unsafe { *p += COUNT_STEP };
+    }
+}
+
+#[inline(always)]
+fn count_splice(idx: u32) {
+    if let Some(p) = FERRY_SPLICE_COUNTERS.get_ptr_mut(idx) {
+        unsafe { *p += 1 };
     }
 }
 
@@ -391,6 +408,33 @@ pub fn ferry_sk_lookup(ctx: SkLookupContext) -> u32 {
             sk_action::SK_DROP
         }
     }
+}
+
+/// The same-node fast path: bytes received on one of the agent's joined sockets leave through the other.
+/// Runs under the receiving socket's lock, so the updates of its entry never race each other.
+#[stream_verdict]
+pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(entry) = FERRY_SPLICE_PEERS.get_ptr_mut(cookie) else {
+        return sk_action::SK_PASS;
+    };
+    let len = ctx.len() as u64;
+    unsafe {
+        // Once anything went to userspace, everything does: a later redirected byte must not overtake
+        // a byte still waiting for the agent to read it.
+        if (*entry).passed != 0 {
+            return sk_action::SK_PASS;
+        }
+        let mut peer = (*entry).peer;
+        if FERRY_SPLICE.redirect_skb(&ctx, &mut peer, 0) as u32 == sk_action::SK_PASS {
+            (*entry).redirected += len;
+            count_splice(splice_counters::REDIRECTED);
+            return sk_action::SK_PASS;
+        }
+        (*entry).passed = 1;
+    }
+    count_splice(splice_counters::PASSED);
+    sk_action::SK_PASS
 }
 
 #[cfg(not(test))]

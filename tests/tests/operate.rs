@@ -58,7 +58,13 @@ fn cli_metrics_and_readiness_against_a_running_agent() -> Result<()> {
     assert_eq!(status["node"], "n1");
     assert_eq!(status["ready"], true);
     assert_eq!(status["enrolled_pods"], 1);
-    assert_eq!(status["programs"].as_array().map(|a| a.len()), Some(6));
+    assert_eq!(status["programs"].as_array().map(|a| a.len()), Some(7));
+    assert!(
+        status["programs"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p == "ferry_splice_verdict")),
+        "the fast path's verdict is attached: {status}"
+    );
     assert!(
         status["soonest_cert_expiry"].as_u64().unwrap_or(0) > 0,
         "{status}"

@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use ferry_e2e::{Agent, Node, Pod, World, run_with_timeout, sh};
+use ferry_e2e::{Agent, Node, NodeOptions, Pod, World, run_with_timeout, sh};
 use serde_json::{Value, json};
 
 use crate::Bins;
@@ -277,7 +277,25 @@ fn progress(start: Instant, text: &str) {
     eprintln!("[bench {:>6.1}s] {text}", start.elapsed().as_secs_f64());
 }
 
-pub fn run(bins: &Bins, target_dir: &Path, quick: bool, out: Option<PathBuf>) -> Result<()> {
+/// What to run.
+pub struct Options {
+    pub quick: bool,
+    pub out: Option<PathBuf>,
+    /// Parts to run (`rr`, `churn`, `bulk`, `idle`, `pods`); empty: all.
+    pub only: Vec<String>,
+    /// Whether the agents use the same-node fast path.
+    pub fast_path: bool,
+}
+
+impl Options {
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
+}
+
+pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
+    let quick = opts.quick;
+    let out = opts.out.clone();
     let started = Instant::now();
     let p = Params::new(quick);
     let out = out.unwrap_or_else(|| target_dir.join("bench"));
@@ -308,7 +326,7 @@ pub fn run(bins: &Bins, target_dir: &Path, quick: bool, out: Option<PathBuf>) ->
         std::env::set_var("FERRY_TESTAPP", &bins.testapp);
     }
     progress(started, "building the test world");
-    let mut b = setup(bin)?;
+    let mut b = setup(bin, opts.fast_path)?;
     // Memory of agents that have carried nothing yet, for comparison with idle after traffic.
     let fresh: Vec<u64> = b
         .agents
@@ -319,6 +337,8 @@ pub fn run(bins: &Bins, target_dir: &Path, quick: bool, out: Option<PathBuf>) ->
     let mut json_out = json!({
         "machine_at_start": machine(),
         "quick": quick,
+        "fast_path": opts.fast_path,
+        "only": opts.only,
         "params": {
             "rr_round_trips_per_path": p.rr_rounds * p.rr_per_round,
             "churn_connections_per_path": p.churn_rounds * p.churn_per_round,
@@ -330,7 +350,7 @@ pub fn run(bins: &Bins, target_dir: &Path, quick: bool, out: Option<PathBuf>) ->
     let mut curves = Vec::new();
 
     // Request/response on one persistent connection per round.
-    for topo in [Topo::Cross, Topo::Same] {
+    for topo in parts(&opts, "rr") {
         let (mut cpu, mut requests) = (0.0, 0u64);
         for size in [1u64, KIB] {
             let mut samples = [Vec::new(), Vec::new()];
@@ -386,7 +406,7 @@ pub fn run(bins: &Bins, target_dir: &Path, quick: bool, out: Option<PathBuf>) ->
     progress(started, "connection churn");
 
     // Connection churn: connect, 1 KiB request/response, close, one after another.
-    for topo in [Topo::Cross, Topo::Same] {
+    for topo in parts(&opts, "churn") {
         let (mut cpu, mut conns) = (0.0, 0u64);
         let mut elapsed = [0u64; 2];
         let mut samples = [Vec::new(), Vec::new()];
@@ -440,7 +460,7 @@ pub fn run(bins: &Bins, target_dir: &Path, quick: bool, out: Option<PathBuf>) ->
     progress(started, "bulk throughput");
 
     // Bulk: 1 and 8 streams into a sink.
-    for topo in [Topo::Cross, Topo::Same] {
+    for topo in parts(&opts, "bulk") {
         let (mut cpu, mut bytes) = (0.0, 0u64);
         for streams in [1u32, 8] {
             let mut sum = [(0u64, 0u64); 2];
@@ -486,15 +506,23 @@ pub fn run(bins: &Bins, target_dir: &Path, quick: bool, out: Option<PathBuf>) ->
             cpu / (bytes as f64 / GIB),
         ));
     }
-    check_paths(&b)?;
-    progress(started, "idle proxied connections");
-    let mut conns = hold_test(&b, hold_conns, &fresh)?;
-    if !hold_note.is_empty() {
-        conns.md.push_str(&format!("\n{hold_note}\n"));
-        conns.json["note"] = json!(hold_note);
+    if ["rr", "churn", "bulk"].iter().any(|p| opts.runs(p)) {
+        check_paths(&b)?;
     }
-    progress(started, "memory per enrolled pod");
-    let pods = pod_scaling(&mut b, &p, started)?;
+    let mut conns = Section::skipped();
+    if opts.runs("idle") {
+        progress(started, "idle proxied connections");
+        conns = hold_test(&b, hold_conns, &fresh)?;
+        if !hold_note.is_empty() {
+            conns.md.push_str(&format!("\n{hold_note}\n"));
+            conns.json["note"] = json!(hold_note);
+        }
+    }
+    let mut pods = Section::skipped();
+    if opts.runs("pods") {
+        progress(started, "memory per enrolled pod");
+        pods = pod_scaling(&mut b, &p, started)?;
+    }
 
     let table = render(&rows, &cost, &conns, &pods);
     println!("{table}");
@@ -561,10 +589,21 @@ fn size_name(size: u64) -> String {
     }
 }
 
-fn setup(bin: PathBuf) -> Result<Bench> {
+fn setup(bin: PathBuf, fast_path: bool) -> Result<Bench> {
     let mut world = World::new()?;
     let n1 = world.add_node("n1", 1, true)?;
     let n2 = world.add_node("n2", 2, true)?;
+    if !fast_path {
+        for n in [&n1, &n2] {
+            world.write_config(
+                n,
+                &NodeOptions {
+                    extra: "capture: {fast_path: false}\n".into(),
+                    ..NodeOptions::default()
+                },
+            )?;
+        }
+    }
     let mesh = Trio {
         client: world.add_pod_as(&n1, "mc", 10, "bench", "client")?,
         local: world.add_pod_as(&n1, "ml", 20, "bench", "server")?,
@@ -684,6 +723,25 @@ fn check_paths(b: &Bench) -> Result<()> {
 struct Section {
     md: String,
     json: Value,
+}
+
+impl Section {
+    /// A part left out with `--only`.
+    fn skipped() -> Self {
+        Self {
+            md: String::new(),
+            json: Value::Null,
+        }
+    }
+}
+
+/// The topologies a part runs on: both, or none when `--only` leaves it out.
+fn parts(opts: &Options, part: &str) -> Vec<Topo> {
+    if opts.runs(part) {
+        vec![Topo::Cross, Topo::Same]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Agent memory with idle proxied connections open across nodes, and after they close.

@@ -53,6 +53,12 @@ enum Cmd {
         /// Where bench.json, bench.md and latency.svg go (default: <target dir>/bench).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Run only these parts (comma-separated): rr, churn, bulk, idle, pods.
+        #[arg(long, value_delimiter = ',', value_parser = ["rr", "churn", "bulk", "idle", "pods"])]
+        only: Vec<String>,
+        /// Agents with the same-node fast path off (capture.fast_path: false), for before/after.
+        #[arg(long)]
+        no_fast_path: bool,
     },
     /// Many concurrent connections through one pair of agents, bytes checked, agent memory measured.
     Soak {
@@ -83,8 +89,19 @@ fn run() -> Result<()> {
         }
         Cmd::Image => image::run(&root),
         Cmd::DeployCheck => deploy_check::run(&root),
-        Cmd::Bench { quick, out } => {
-            bench::run(&build(&root, true)?, &target_dir(&root), quick, out)
+        Cmd::Bench {
+            quick,
+            out,
+            only,
+            no_fast_path,
+        } => {
+            let opts = bench::Options {
+                quick,
+                out,
+                only,
+                fast_path: !no_fast_path,
+            };
+            bench::run(&build(&root, true)?, &target_dir(&root), opts)
         }
         Cmd::Soak { conns } => soak::run(&build(&root, true)?, conns),
     }
@@ -261,7 +278,13 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
         image::run(root)?;
         // A smoke run: every scenario must produce numbers; how fast they are is not asserted.
         let release = build(root, true)?;
-        bench::run(&release, &target_dir(root), true, None)?;
+        let opts = bench::Options {
+            quick: true,
+            out: None,
+            only: Vec::new(),
+            fast_path: true,
+        };
+        bench::run(&release, &target_dir(root), opts)?;
         // The soak at a tenth of its full size: every connection must come back intact.
         soak::run(&release, 1_000)?;
     }

@@ -14,16 +14,16 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SkSkb, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use ferry_common::{
-    DeliveryKey, MAP_LAYOUT_VERSION, OrigDst, PodEntry, Settings, SocketKey, TupleKey, counters,
-    maps, programs,
+    DeliveryKey, MAP_LAYOUT_VERSION, OrigDst, PodEntry, Settings, SocketKey, SplicePeer, TupleKey,
+    counters, maps, programs, splice_counters,
 };
 
-use super::{CaptureError, link, raw_addr, socket_addr};
+use super::{CaptureError, link, raw_addr, socket_addr, splice::Splice};
 use crate::config::NodeConfig;
 
 #[cfg(feature = "ebpf")]
@@ -52,6 +52,11 @@ pub struct Capture {
     sockets: Mutex<SockHash<MapData, SocketKey>>,
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
     counters: PerCpuArray<MapData, u64>,
+    splice_counters: PerCpuArray<MapData, u64>,
+    /// The same-node fast path, when enabled and its program attached.
+    splice: Option<std::sync::Arc<Splice>>,
+    /// Why the fast path is off, for `ferry status` and the log.
+    pub splice_off: Option<String>,
     /// Whether this process attached the cgroup programs or found them already attached.
     pub reopened: bool,
 }
@@ -141,6 +146,17 @@ impl Capture {
         sk_lookup
             .load()
             .map_err(CaptureError::bpf("loading ferry_sk_lookup"))?;
+        // The fast path is an optimisation: if its program does not load, connections are relayed in
+        // userspace as before.
+        let verdict_loaded = if cfg.capture.fast_path {
+            let loaded = program::<SkSkb>(&mut ebpf, programs::SPLICE_VERDICT).and_then(|p| {
+                p.load()
+                    .map_err(CaptureError::bpf("loading ferry_splice_verdict"))
+            });
+            Some(loaded)
+        } else {
+            None
+        };
 
         let mut meta: Array<_, u32> = take_map(&mut ebpf, maps::META)?;
         let found = meta
@@ -221,16 +237,39 @@ impl Capture {
             }
         }
 
+        let (splice, splice_off) = match verdict_loaded {
+            None => (
+                None,
+                Some("disabled in the node config (capture.fast_path)".to_owned()),
+            ),
+            Some(Err(e)) => (None, Some(e.to_string())),
+            Some(Ok(())) => match attach_splice(&mut ebpf) {
+                Ok(s) => (Some(std::sync::Arc::new(s)), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+        };
+        if let Some(why) = &splice_off {
+            tracing::warn!(reason = %why, "same-node fast path off: same-node connections are relayed in userspace");
+        }
+
         Ok(Self {
+            splice,
+            splice_off,
             enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED)?),
             orig_by_tuple: Mutex::new(take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?),
             sockets: Mutex::new(take_map(&mut ebpf, maps::SOCKETS)?),
             deliveries: Mutex::new(take_map(&mut ebpf, maps::DELIVERIES)?),
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            splice_counters: take_map(&mut ebpf, maps::SPLICE_COUNTERS)?,
             ebpf: Mutex::new(ebpf),
             root,
             reopened,
         })
+    }
+
+    /// The same-node fast path, when it is on.
+    pub fn splice(&self) -> Option<&std::sync::Arc<Splice>> {
+        self.splice.as_ref()
     }
 
     pub fn root(&self) -> &Path {
@@ -370,6 +409,14 @@ impl Capture {
                 .unwrap_or(0);
             out.insert(*name, sum);
         }
+        for (i, name) in splice_counters::NAMES.iter().enumerate() {
+            let sum = self
+                .splice_counters
+                .get(&(i as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+            out.insert(*name, sum);
+        }
         out
     }
 }
@@ -416,7 +463,19 @@ impl Drop for DeliveryGuard<'_> {
     }
 }
 
-fn poisoned(what: &str) -> CaptureError {
+/// Attaches the loaded verdict program to `FERRY_SPLICE`. The attachment replaces whatever an earlier
+/// agent attached, and ends with this process (the sockets it joins die with it too).
+fn attach_splice(ebpf: &mut Ebpf) -> Result<Splice, CaptureError> {
+    let sockets: SockHash<MapData, u64> = take_map(ebpf, maps::SPLICE)?;
+    let peers: HashMap<MapData, u64, SplicePeer> = take_map(ebpf, maps::SPLICE_PEERS)?;
+    let prog: &mut SkSkb = program(ebpf, programs::SPLICE_VERDICT)?;
+    prog.attach(sockets.fd()).map_err(CaptureError::bpf(
+        "attaching ferry_splice_verdict to FERRY_SPLICE",
+    ))?;
+    Ok(Splice::new(sockets, peers))
+}
+
+pub(super) fn poisoned(what: &str) -> CaptureError {
     CaptureError::Bpf {
         what: what.into(),
         message: "lock poisoned by a panic".into(),
@@ -447,7 +506,7 @@ where
 }
 
 /// Key and value sizes of every pinned map, as this agent's programs use them.
-fn expected_layouts() -> [(&'static str, usize, usize); 12] {
+fn expected_layouts() -> [(&'static str, usize, usize); 15] {
     use std::mem::size_of;
     [
         (maps::META, 4, 4),
@@ -466,6 +525,9 @@ fn expected_layouts() -> [(&'static str, usize, usize); 12] {
         (maps::SOCKETS, size_of::<SocketKey>(), 4),
         (maps::DELIVERIES, size_of::<DeliveryKey>(), 1),
         (maps::COUNTERS, 4, 8),
+        (maps::SPLICE, 8, 4),
+        (maps::SPLICE_PEERS, 8, size_of::<SplicePeer>()),
+        (maps::SPLICE_COUNTERS, 4, 8),
     ]
 }
 

@@ -9,6 +9,7 @@
 mod bpf;
 mod link;
 mod pod;
+pub mod splice;
 
 pub use bpf::{Counters, DeliveryGuard, uninstall};
 pub use pod::{EnrolledPod, PodAddrs, PodListeners};

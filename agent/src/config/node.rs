@@ -51,7 +51,7 @@ impl Default for Ports {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaptureConfig {
     /// Outbound destination ports never captured.
@@ -60,6 +60,20 @@ pub struct CaptureConfig {
     pub exclude_cidrs: Vec<IpNet>,
     /// Inbound ports passed straight to the app (e.g. probes) — plaintext, so choose with care.
     pub inbound_exclude_ports: Vec<u16>,
+    /// Join the two sockets of an authorized same-node connection in the kernel (sockhash + sk_skb
+    /// verdict), so its bytes no longer cross userspace. Off: relayed in userspace.
+    pub fast_path: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            exclude_ports: Vec::new(),
+            exclude_cidrs: Vec::new(),
+            inbound_exclude_ports: Vec::new(),
+            fast_path: true,
+        }
+    }
 }
 
 /// Where the node's certificate material lives and how long workload certificates last.

@@ -276,6 +276,7 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
                 }
             }
             _ = tick.tick() => {
+                daemon.mesh.conns.release_memory_if_shrunk();
                 let changed = daemon.apply(source.poll(), &view);
                 // Enrollment work only when the workloads changed or a pod still waits to be
                 // enrolled: an idle node does no per-pod syscalls on every tick.

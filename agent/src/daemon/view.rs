@@ -82,7 +82,8 @@ impl AgentView {
     }
 
     /// The programs whose links are pinned (so attached): the cgroup programs once, `sk_lookup` with
-    /// the number of pod netns it is attached to.
+    /// the number of pod netns it is attached to; and the fast path's verdict, attached by this agent,
+    /// or why it is off.
     fn attached(&self) -> Vec<String> {
         let links = self.cfg.bpffs_root.join("links");
         let mut names: Vec<String> = std::fs::read_dir(&links)
@@ -97,6 +98,11 @@ impl AgentView {
         names.sort();
         if netns > 0 {
             names.push(format!("{} (x{netns})", ferry_common::programs::SK_LOOKUP));
+        }
+        let verdict = ferry_common::programs::SPLICE_VERDICT;
+        match &self.mesh.capture.splice_off {
+            None => names.push(verdict.to_owned()),
+            Some(why) => names.push(format!("{verdict} (off: {why})")),
         }
         names
     }

@@ -4,7 +4,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Instant, SystemTime},
 };
@@ -51,7 +51,12 @@ impl ConnEntry {
 pub struct ConnTable {
     next: AtomicU64,
     live: Mutex<HashMap<u64, Arc<ConnEntry>>>,
+    /// Most connections live at once since memory was last given back.
+    peak: AtomicUsize,
 }
+
+/// Below this many connections, what closing them frees is not worth a trim.
+const TRIM_MIN_PEAK: usize = 64;
 
 /// Removes its connection from the table when dropped.
 pub struct Registered {
@@ -95,6 +100,7 @@ impl ConnTable {
         });
         if let Ok(mut live) = self.live.lock() {
             live.insert(entry.id, entry.clone());
+            self.peak.fetch_max(live.len(), Ordering::Relaxed);
         }
         Registered {
             table: self.clone(),
@@ -118,5 +124,73 @@ impl ConnTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Gives the heap memory of closed connections back to the kernel once at most half of the peak
+    /// is still open. glibc's allocator keeps freed memory of its per-thread arenas otherwise, so the
+    /// agent's RSS would stay at its peak after a burst of connections. Called from a periodic tick.
+    pub fn release_memory_if_shrunk(&self) {
+        let live = self.len();
+        let peak = self.peak.load(Ordering::Relaxed);
+        if peak < TRIM_MIN_PEAK || live > peak / 2 {
+            return;
+        }
+        self.peak.store(live, Ordering::Relaxed);
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim has no preconditions; it only returns free memory to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> NewConn<'static> {
+        NewConn {
+            direction: Direction::Outbound,
+            pod: "shop/client",
+            src: "198.18.1.10:40000".parse().unwrap(),
+            dst: "198.18.2.20:8080".parse().unwrap(),
+            route: "hbone",
+            peer: None,
+            policy: None,
+        }
+    }
+
+    #[test]
+    fn memory_is_released_once_half_the_peak_closed_and_the_peak_follows() {
+        let table = Arc::new(ConnTable::default());
+        let mut open: Vec<Registered> = (0..100).map(|_| table.register(conn())).collect();
+        assert_eq!(table.peak.load(Ordering::Relaxed), 100);
+        open.truncate(60);
+        table.release_memory_if_shrunk();
+        assert_eq!(
+            table.peak.load(Ordering::Relaxed),
+            100,
+            "60 of 100 open: no trim yet"
+        );
+        open.truncate(50);
+        table.release_memory_if_shrunk();
+        assert_eq!(
+            table.peak.load(Ordering::Relaxed),
+            50,
+            "trimmed at half: the peak restarts"
+        );
+        open.clear();
+        table.release_memory_if_shrunk();
+        assert_eq!(
+            table.peak.load(Ordering::Relaxed),
+            50,
+            "a peak of 50 is below what is worth a trim"
+        );
+        assert!(table.is_empty());
+        let again: Vec<Registered> = (0..80).map(|_| table.register(conn())).collect();
+        assert_eq!(table.peak.load(Ordering::Relaxed), 80);
+        drop(again);
+        table.release_memory_if_shrunk();
+        assert_eq!(table.peak.load(Ordering::Relaxed), 0);
     }
 }

@@ -1,38 +1,51 @@
 //! The relay between an HBONE stream (h2 send + receive halves) and a TCP-like stream.
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::TunnelError;
+use crate::capture::splice::Joined;
 
 /// Largest read from the local stream: with h2's capacity reservation this bounds what one direction of
 /// one relay holds in memory.
 pub const CHUNK: usize = 64 * 1024;
 
-/// First read size. Each connection holds its read buffer for its whole life, and most carry little:
-/// reads start this small and double (up to [`CHUNK`]) each time one fills the buffer, so a bulk
-/// transfer reaches full-size reads within a few reads while a connection that carried a few KiB holds
-/// 4 KiB of touched buffer instead of up to 64.
-pub const FIRST_READ: usize = 4 * 1024;
+/// The first read of a relay direction. Reads grow towards [`CHUNK`] while they come back full, so an
+/// idle or chatty connection holds a small buffer and a bulk one soon reads in large ones.
+pub const FIRST_READ: usize = 512;
 
-/// The next read size after a read of `n` bytes into a buffer of `size`.
-pub(crate) fn next_read_size(size: usize, n: usize) -> usize {
-    if n >= size {
-        (size * 2).min(CHUNK)
+/// The size of the next read after one of `n` bytes into a buffer of `want`.
+pub fn next_read_size(want: usize, n: usize) -> usize {
+    if n >= want {
+        (want * 2).min(CHUNK)
     } else {
-        size
+        want
     }
 }
 
 /// Byte counters of one relay, readable while it runs (access log, metrics). `sent` counts bytes that
 /// went from the local stream into the tunnel, `received` bytes from the tunnel to the local stream.
-#[derive(Debug, Default)]
+/// Bytes the kernel carries on the same-node fast path are counted there and added in.
+#[derive(Default)]
 pub struct CopyStats {
     sent: AtomicU64,
     received: AtomicU64,
+    kernel: Mutex<Option<Arc<Joined>>>,
+}
+
+impl std::fmt::Debug for CopyStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyStats")
+            .field("sent", &self.sent())
+            .field("received", &self.received())
+            .finish()
+    }
 }
 
 impl CopyStats {
@@ -42,12 +55,45 @@ impl CopyStats {
 
     /// Bytes handed to h2 for sending to the peer so far.
     pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        self.sent.load(Ordering::Relaxed) + self.in_kernel().0
     }
 
     /// Bytes written to the local stream so far.
     pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.received.load(Ordering::Relaxed) + self.in_kernel().1
+    }
+
+    /// Bytes relayed by userspace only: (sent, received).
+    pub(crate) fn in_user(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+
+    fn in_kernel(&self) -> (u64, u64) {
+        self.kernel
+            .lock()
+            .ok()
+            .and_then(|k| k.as_ref().map(|j| j.redirected()))
+            .unwrap_or((0, 0))
+    }
+
+    /// From now on also counts what the kernel carries for this joined pair (`a` → `b` is sent).
+    pub(crate) fn add_kernel(&self, joined: Arc<Joined>) {
+        if let Ok(mut k) = self.kernel.lock() {
+            *k = Some(joined);
+        }
+    }
+
+    /// Folds the kernel's final counts into the totals and lets go of the joined pair.
+    pub(crate) fn settle_kernel(&self) {
+        let Some(joined) = self.kernel.lock().ok().and_then(|mut k| k.take()) else {
+            return;
+        };
+        let (sent, received) = joined.redirected();
+        self.add_sent(sent as usize);
+        self.add_received(received as usize);
     }
 
     pub(crate) fn add_sent(&self, n: usize) {
@@ -110,10 +156,10 @@ async fn local_to_tunnel<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let mut size = FIRST_READ;
     let mut buf = BytesMut::new();
+    let mut want = FIRST_READ;
     loop {
-        buf.reserve(size);
+        buf.reserve(want);
         // While the app is silent, a reset of the stream must still end the relay: otherwise a
         // half-closed stream (peer done sending) would wait on the app forever.
         let n = tokio::select! {
@@ -130,7 +176,7 @@ where
                 .map_err(TunnelError::from_stream)?;
             return Ok(());
         }
-        size = next_read_size(size, n);
+        want = next_read_size(want, n);
         let chunk = buf.split().freeze();
         send_all(send, chunk, stats).await?;
     }
@@ -213,14 +259,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_grow_while_they_fill_the_buffer_and_stop_at_chunk() {
-        let mut size = FIRST_READ;
-        for _ in 0..10 {
-            size = next_read_size(size, size);
+    fn reads_grow_while_full_up_to_a_chunk_and_stay_small_otherwise() {
+        let mut want = FIRST_READ;
+        for _ in 0..3 {
+            want = next_read_size(want, 1);
         }
-        assert_eq!(size, CHUNK);
-        assert_eq!(next_read_size(FIRST_READ, 1), FIRST_READ);
-        assert_eq!(next_read_size(8192, 8192), 16384);
-        assert_eq!(next_read_size(CHUNK, 10), CHUNK);
+        assert_eq!(want, FIRST_READ, "small reads keep the first size");
+        let mut steps = 0;
+        while want < CHUNK {
+            want = next_read_size(want, want);
+            steps += 1;
+        }
+        assert_eq!(want, CHUNK);
+        assert!(
+            steps <= 7,
+            "bulk reaches full-size reads within a few reads"
+        );
+        assert_eq!(next_read_size(CHUNK, CHUNK), CHUNK, "never beyond a chunk");
     }
 }

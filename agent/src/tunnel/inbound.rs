@@ -12,8 +12,8 @@ use super::{
     deliver,
     kill::Killable,
     mesh::{Mesh, PodCtx},
-    outbound::splice,
     reset,
+    splice::splice,
 };
 use crate::{
     admin::metrics::{Direction as HandshakeDirection, RefusedReason},
@@ -80,7 +80,7 @@ async fn permissive(
             };
             rec.track(&mesh.metrics, &ends);
             let reg = mesh.conns.register(rec.live(Some(policy)));
-            rec.finish(splice(client, app, &reg.entry.stats, &reg.entry.kill).await)
+            rec.finish(splice(client, app, &reg.entry.stats, &reg.entry.kill, None).await)
         }
         Err(e) => {
             reset(client);

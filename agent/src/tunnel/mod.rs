@@ -64,6 +64,7 @@ pub mod mesh;
 pub mod outbound;
 pub mod pool;
 mod settings;
+pub mod splice;
 pub mod wire;
 
 pub use copy::{CopyOutcome, CopyStats, copy_bidirectional};

@@ -4,17 +4,20 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 use super::{
-    CopyStats, PodCtx, TunnelError,
+    PodCtx, TunnelError,
     conn::{ConnRecord, Direction, Ends, Outcome},
     connect_in,
     conns::PolicyInput,
     deliver,
-    kill::KillSwitch,
     mesh::{Mesh, Route},
     reset,
+    splice::splice,
 };
 use crate::config::OutboundUnknown;
 
+/// The connection's task lives as long as the connection, sized by its largest state: the set-up
+/// steps (TCP and TLS handshakes, the CONNECT exchange) are boxed, so only the relay's state stays
+/// allocated for an idle connection.
 pub async fn handle(
     mesh: &Mesh,
     pod: &PodCtx,
@@ -43,7 +46,7 @@ pub async fn handle(
             }
             OutboundUnknown::Passthrough => {
                 rec.route = "passthrough";
-                match connect_in(&pod.netns, dst).await {
+                match Box::pin(connect_in(&pod.netns, dst)).await {
                     Ok(upstream) => {
                         let ends = Ends {
                             src: Ends::workload(&pod.name),
@@ -53,7 +56,9 @@ pub async fn handle(
                         };
                         rec.track(&mesh.metrics, &ends);
                         let reg = mesh.conns.register(rec.live(None));
-                        rec.finish(splice(app, upstream, &reg.entry.stats, &reg.entry.kill).await)
+                        rec.finish(
+                            splice(app, upstream, &reg.entry.stats, &reg.entry.kill, None).await,
+                        )
                     }
                     Err(e) => {
                         reset(app);
@@ -72,7 +77,7 @@ pub async fn handle(
                 return rec.finish(Outcome::Refused(decision.to_string()));
             }
             let src_ip = pod.ip_like(dst.ip());
-            match deliver(&mesh.capture, &dst_pod, src_ip, dst).await {
+            match Box::pin(deliver(&mesh.capture, &dst_pod, src_ip, dst)).await {
                 Ok(upstream) => {
                     let policy = PolicyInput {
                         source: pod.identity.clone(),
@@ -89,7 +94,8 @@ pub async fn handle(
                     };
                     rec.track(&mesh.metrics, &ends);
                     let reg = mesh.conns.register(rec.live(Some(policy)));
-                    rec.finish(splice(app, upstream, &reg.entry.stats, &reg.entry.kill).await)
+                    let fast = mesh.capture.splice();
+                    rec.finish(splice(app, upstream, &reg.entry.stats, &reg.entry.kill, fast).await)
                 }
                 Err(e) => {
                     reset(app);
@@ -123,7 +129,7 @@ pub async fn handle(
                             return rec.finish(Outcome::Unreachable(e.to_string()));
                         }
                     };
-                match client.connect(dst, forwarded).await {
+                match Box::pin(client.connect(dst, forwarded)).await {
                     Ok(s) => break Ok(s),
                     // The pooled connection was going away (its agent handed over or is stopping):
                     // the peer never processed the stream, so one more try on a fresh connection —
@@ -161,63 +167,6 @@ pub async fn handle(
                 },
             };
             rec.finish(outcome);
-        }
-    }
-}
-
-/// Copies both ways between two TCP streams with half-close carried through (EOF on one side shuts
-/// down the other's write half), counting as bytes flow: `sent` is `a` → `b`.
-pub async fn splice(
-    mut a: TcpStream,
-    mut b: TcpStream,
-    stats: &CopyStats,
-    kill: &KillSwitch,
-) -> Outcome {
-    let _ = a.set_nodelay(true);
-    let _ = b.set_nodelay(true);
-    let (mut ar, mut aw) = a.split();
-    let (mut br, mut bw) = b.split();
-    let up = pump(&mut ar, &mut bw, |n| stats.add_sent(n));
-    let down = pump(&mut br, &mut aw, |n| stats.add_received(n));
-    // Either direction failing ends both: the sockets are dropped together when this returns.
-    let result = tokio::select! {
-        r = async { tokio::try_join!(up, down) } => r,
-        () = kill.killed() => Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionAborted,
-            "closed by a policy change",
-        )),
-    };
-    match result {
-        Ok(_) => Outcome::Closed {
-            sent: stats.sent(),
-            received: stats.received(),
-        },
-        Err(e) => Outcome::Error {
-            sent: stats.sent(),
-            received: stats.received(),
-            error: e.to_string(),
-        },
-    }
-}
-
-async fn pump<R, W>(r: &mut R, w: &mut W, count: impl Fn(usize)) -> std::io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Small first, grown while reads fill it (as in copy.rs): the zeroed buffer is resident at once.
-    let mut buf = vec![0u8; super::copy::FIRST_READ];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return w.shutdown().await;
-        }
-        w.write_all(&buf[..n]).await?;
-        count(n);
-        let size = super::copy::next_read_size(buf.len(), n);
-        if size > buf.len() {
-            buf.resize(size, 0);
         }
     }
 }

@@ -1,0 +1,233 @@
+//! The same-node fast path: the agent's two sockets of an authorized same-node connection (the app's
+//! captured connection and the delivery to the destination app) are joined in the kernel, so their
+//! bytes no longer cross userspace.
+//!
+//! Both sockets go into the `FERRY_SPLICE` sockhash, keyed by socket cookie, and `FERRY_SPLICE_PEERS`
+//! tells the `sk_skb` stream verdict where each one's bytes go and counts them. The agent still owns both
+//! sockets: an end of stream still shows up as a read of 0 bytes, a policy change still closes them, and
+//! byte counts come from the map.
+//!
+//! Bytes can never overtake each other: the peer entries exist before either socket enters the map, so
+//! every byte either goes through the verdict (in order, under the socket's lock) or, once the verdict
+//! could not redirect, every later byte of that socket goes to userspace too.
+use std::{
+    io,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{HashMap, MapData, MapError, SockHash};
+use ferry_common::SplicePeer;
+
+use super::CaptureError;
+
+const SO_COOKIE: libc::c_int = 57;
+
+/// Handles on the fast path's maps; present when the verdict program is attached.
+pub struct Splice {
+    sockets: Mutex<SockHash<MapData, u64>>,
+    peers: Mutex<HashMap<MapData, u64, SplicePeer>>,
+}
+
+/// One of the two sockets of a joined pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    A,
+    B,
+}
+
+/// A joined pair. Dropping it removes the pair from the maps.
+pub struct Joined {
+    splice: Arc<Splice>,
+    cookies: [u64; 2],
+    /// What each socket had been given to send when joined (see [`written`]).
+    written_at_join: [u64; 2],
+    /// Whether the kernel carries the bytes; false when joining failed halfway and both sockets fell
+    /// back to userspace.
+    pub in_kernel: bool,
+}
+
+impl Splice {
+    pub(super) fn new(
+        sockets: SockHash<MapData, u64>,
+        mut peers: HashMap<MapData, u64, SplicePeer>,
+    ) -> Self {
+        // Entries left by an agent that was killed name sockets that died with it.
+        let stale: Vec<u64> = peers.keys().filter_map(Result::ok).collect();
+        for k in stale {
+            let _ = peers.remove(&k);
+        }
+        Self {
+            sockets: Mutex::new(sockets),
+            peers: Mutex::new(peers),
+        }
+    }
+
+    /// Joins two established TCP sockets: what `a` receives leaves through `b`, and the other way round.
+    ///
+    /// Fails without changing anything when the pair cannot be joined (the caller relays in userspace).
+    pub fn join(
+        self: &Arc<Self>,
+        a: &impl AsRawFd,
+        b: &impl AsRawFd,
+    ) -> Result<Joined, CaptureError> {
+        let cookies = [socket_cookie(a), socket_cookie(b)];
+        let [Ok(ca), Ok(cb)] = cookies else {
+            return Err(CaptureError::Bpf {
+                what: "joining a same-node connection".into(),
+                message: "a socket has no cookie".into(),
+            });
+        };
+        let written_at_join = [
+            written(a).map_err(CaptureError::io("reading TCP_INFO"))?,
+            written(b).map_err(CaptureError::io("reading TCP_INFO"))?,
+        ];
+        let mut joined = Joined {
+            splice: self.clone(),
+            cookies: [ca, cb],
+            written_at_join,
+            in_kernel: true,
+        };
+        {
+            let mut peers = self
+                .peers
+                .lock()
+                .map_err(|_| super::bpf::poisoned("FERRY_SPLICE_PEERS"))?;
+            let entry = |peer| SplicePeer {
+                peer,
+                ..SplicePeer::default()
+            };
+            peers
+                .insert(ca, entry(cb), 0)
+                .and_then(|()| peers.insert(cb, entry(ca), 0))
+                .map_err(CaptureError::bpf("joining in FERRY_SPLICE_PEERS"))?;
+        }
+        let mut sockets = self
+            .sockets
+            .lock()
+            .map_err(|_| super::bpf::poisoned("FERRY_SPLICE"))?;
+        // Nothing was in the sockhash yet: a failure here leaves both sockets as they were, and the
+        // guard's drop removes the peer entries.
+        sockets
+            .insert(cb, b.as_raw_fd(), 0)
+            .map_err(CaptureError::bpf("joining in FERRY_SPLICE"))?;
+        if let Err(e) = sockets.insert(ca, a.as_raw_fd(), 0) {
+            // `b` is in the map and may already have handed bytes to userspace: taking it out again
+            // would drop them. Both sides fall back to userspace instead.
+            drop(sockets);
+            joined.fall_back();
+            tracing::warn!(error = %CaptureError::bpf("joining in FERRY_SPLICE")(e), "same-node fast path not used for this connection");
+        }
+        Ok(joined)
+    }
+}
+
+impl Joined {
+    /// Bytes the kernel carried so far: (`a` → `b`, `b` → `a`).
+    pub fn redirected(&self) -> (u64, u64) {
+        let Ok(peers) = self.splice.peers.lock() else {
+            return (0, 0);
+        };
+        let get = |c: &u64| peers.get(c, 0).map(|e| e.redirected).unwrap_or(0);
+        (get(&self.cookies[0]), get(&self.cookies[1]))
+    }
+
+    /// Whether `to` has taken, into its send queue or already acknowledged, every byte the kernel
+    /// redirected into it plus the `user` bytes the agent wrote to it itself since the join. The kernel
+    /// hands redirected bytes to the sending socket from a work queue: shutting down `to` before they are
+    /// all in would lose them.
+    pub fn drained(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<bool> {
+        let (ab, ba) = self.redirected();
+        let (into, base) = match to {
+            Side::A => (ba, self.written_at_join[0]),
+            Side::B => (ab, self.written_at_join[1]),
+        };
+        Ok(written(fd)?.saturating_sub(base) >= into + user)
+    }
+
+    fn fall_back(&mut self) {
+        self.in_kernel = false;
+        if let Ok(mut peers) = self.splice.peers.lock() {
+            for (i, c) in self.cookies.iter().enumerate() {
+                let entry = SplicePeer {
+                    peer: self.cookies[1 - i],
+                    passed: 1,
+                    ..SplicePeer::default()
+                };
+                let _ = peers.insert(c, entry, 0);
+            }
+        }
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        // A closed socket leaves the sockhash by itself; its peer entry does not.
+        if let Ok(mut sockets) = self.splice.sockets.lock() {
+            for c in &self.cookies {
+                ignore_missing(sockets.remove(c));
+            }
+        }
+        if let Ok(mut peers) = self.splice.peers.lock() {
+            for c in &self.cookies {
+                ignore_missing(peers.remove(c));
+            }
+        }
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) {
+    if let Err(e) = r
+        && !matches!(e, MapError::KeyNotFound)
+    {
+        tracing::debug!(error = %e, "removing a fast-path entry");
+    }
+}
+
+/// The kernel's cookie of a socket (`SO_COOKIE`), which `bpf_get_socket_cookie` returns for it.
+fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe a valid u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Bytes a TCP socket has been given to send over its lifetime: acknowledged plus still queued. Read
+/// in that order, a concurrent acknowledgement can only make the sum low for a moment, never high.
+fn written(sock: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: an all-zero tcp_info is valid; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the buffer and its length describe a valid tcp_info.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + queued.max(0) as u64)
+}

@@ -1,0 +1,286 @@
+//! The same-node fast path: an authorized same-node connection's two agent sockets joined in the
+//! kernel (sockhash + sk_skb verdict). Bytes, half-close, byte counts, policy changes and the fallback
+//! to userspace, on the real datapath. Needs root.
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use ferry_e2e::{
+    Agent, Node, NodeOptions, Pod, World, dial, eventually, run_with_timeout, testapp,
+};
+
+struct SameNode {
+    world: World,
+    n1: Node,
+    client: Pod,
+    server: Pod,
+    agent: Agent,
+}
+
+fn same_node(extra: &str) -> Result<SameNode> {
+    let mut world = World::new()?;
+    let n1 = world.add_node("n1", 1, false)?;
+    world.write_config(
+        &n1,
+        &NodeOptions {
+            extra: extra.to_owned(),
+            ..NodeOptions::default()
+        },
+    )?;
+    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
+    let server = world.add_pod_as(&n1, "server", 11, "shop", "cart")?;
+    world.write_workloads(&n1, &[&client, &server])?;
+    let agent = world.start_agent(&n1)?;
+    agent.wait_for(
+        |l| l.msg() == "pod enrolled" && l.field("pod").as_deref() == Some("shop/server"),
+        Duration::from_secs(5),
+    )?;
+    Ok(SameNode {
+        world,
+        n1,
+        client,
+        server,
+        agent,
+    })
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Bulk {
+    ok: bool,
+    #[serde(default)]
+    received: usize,
+    #[serde(default)]
+    intact: bool,
+}
+
+fn bulk(mut cmd: Command, to: SocketAddr, bytes: usize, expect: Option<usize>) -> Result<Bulk> {
+    cmd.args([
+        "dial-bulk",
+        "--to",
+        &to.to_string(),
+        "--bytes",
+        &bytes.to_string(),
+        "--timeout-ms",
+        "20000",
+    ]);
+    if let Some(e) = expect {
+        cmd.args(["--expect", &e.to_string()]);
+    }
+    let out = run_with_timeout(cmd, Duration::from_secs(120))?;
+    serde_json::from_str(out.trim()).with_context(|| format!("parsing {out:?}"))
+}
+
+/// The sum of one `ferry_capture_events_total` series.
+fn capture_event(node: &Node, event: &str) -> Result<u64> {
+    let (_, body) = node.http_get("/metrics")?;
+    let needle = format!("event=\"{event}\"");
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with("ferry_capture_events_total") && l.contains(&needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// The sum of an Istio byte counter over every series.
+fn metric_sum(node: &Node, name: &str) -> Result<u64> {
+    let (_, body) = node.http_get("/metrics")?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// Bytes intact both ways for 1 B, 64 KiB and 16 MiB with the client's half-close, and with the
+/// app's (it sends first and finishes, the client still sends afterwards); the kernel carried them
+/// (the verdict's counter moved, nothing fell back); the access log and the metrics count every byte.
+#[test]
+fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()> {
+    let t = same_node("")?;
+    let _echo = t
+        .world
+        .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
+    let mut srv = t.server.command(testapp());
+    srv.args([
+        "serve",
+        "--listen",
+        "0.0.0.0:8081",
+        "--tag",
+        "first",
+        "--send-first",
+        "65536",
+    ]);
+    let first = t.world.spawn(srv, "first")?;
+    first.wait_for_output("listening", Duration::from_secs(5))?;
+    let before = capture_event(&t.n1, "splice_redirected")?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
+    let sizes = [1usize, 64 * 1024, 16 * 1024 * 1024];
+    for n in sizes {
+        let b = bulk(t.client.command(testapp()), to, n, None)?;
+        assert!(b.ok && b.intact && b.received == n, "{n} bytes: {b:?}");
+    }
+    let to_first = SocketAddr::new(IpAddr::V4(t.server.ip4), 8081);
+    let b = bulk(t.client.command(testapp()), to_first, 100_000, Some(65536))?;
+    assert!(b.ok && b.intact, "{b:?}");
+    first.wait_for_output("got 100000 intact=true", Duration::from_secs(10))?;
+
+    // IPv6 takes the same path.
+    let _echo6 = t
+        .world
+        .serve(t.server.command(testapp()), "[::]:8082", "cart6")?;
+    let to6 = SocketAddr::new(IpAddr::V6(t.server.ip6), 8082);
+    let b = bulk(t.client.command(testapp()), to6, 4 << 20, None)?;
+    assert!(b.ok && b.intact && b.received == 4 << 20, "IPv6: {b:?}");
+
+    let redirected = capture_event(&t.n1, "splice_redirected")? - before;
+    assert!(
+        redirected > 100,
+        "the kernel redirected only {redirected} buffers"
+    );
+    assert_eq!(
+        capture_event(&t.n1, "splice_passed")?,
+        0,
+        "no connection fell back to userspace"
+    );
+
+    // One access line per connection, each counting what its app sent and got back; the echo
+    // server's greeting line comes first, so the client receives more than it sent.
+    let mut received_total = 0u64;
+    for n in sizes {
+        let line = t.agent.wait_for(
+            |l| {
+                l.is_access()
+                    && l.field("dst") == Some(to.to_string())
+                    && l.field("bytes_sent") == Some(n.to_string())
+            },
+            Duration::from_secs(5),
+        )?;
+        assert_eq!(
+            line.field("route").as_deref(),
+            Some("same-node"),
+            "{}",
+            line.0
+        );
+        assert_eq!(
+            line.field("result").as_deref(),
+            Some("closed"),
+            "{}",
+            line.0
+        );
+        let received: usize = line
+            .field("bytes_received")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(received > n, "{n} echoed plus the greeting: {}", line.0);
+        received_total += received as u64;
+    }
+    let line = t.agent.wait_for(
+        |l| l.is_access() && l.field("dst") == Some(to_first.to_string()),
+        Duration::from_secs(5),
+    )?;
+    assert_eq!(
+        line.field("bytes_sent").as_deref(),
+        Some("100000"),
+        "{}",
+        line.0
+    );
+    let received: usize = line
+        .field("bytes_received")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(received >= 65536, "{}", line.0);
+    received_total += received as u64;
+
+    let line = t.agent.wait_for(
+        |l| l.is_access() && l.field("dst") == Some(to6.to_string()),
+        Duration::from_secs(5),
+    )?;
+    assert_eq!(
+        line.field("bytes_sent"),
+        Some((4 << 20).to_string()),
+        "{}",
+        line.0
+    );
+    received_total += line
+        .field("bytes_received")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+
+    // Istio's byte counters agree with the access log, both directions of all five connections.
+    let total_sent: u64 = sizes.iter().map(|n| *n as u64).sum::<u64>() + 100_000 + (4 << 20);
+    let request = metric_sum(&t.n1, "istio_tcp_received_bytes_total")?;
+    let response = metric_sum(&t.n1, "istio_tcp_sent_bytes_total")?;
+    assert_eq!(request, total_sent, "request bytes in the metrics");
+    assert_eq!(response, received_total, "response bytes in the metrics");
+    Ok(())
+}
+
+/// While a fast-path connection is open `ferry conns` shows the bytes the kernel carried, and a
+/// policy reload that denies it closes it.
+#[test]
+fn a_policy_change_closes_a_fast_path_connection_and_conns_counts_its_bytes() -> Result<()> {
+    let t = same_node("")?;
+    let _echo = t
+        .world
+        .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
+    let h = t.world.hold(t.client.command(testapp()), to, 30)?;
+    // The hold exchanges one byte each way every 50 ms; the pair is joined at the first exchange
+    // after 5 ms, so from then on only the kernel sees its bytes.
+    let joined = eventually(Duration::from_secs(5), || {
+        capture_event(&t.n1, "splice_redirected").unwrap_or(0) > 0
+    });
+    assert!(joined, "the kernel carries the hold's bytes");
+    std::thread::sleep(Duration::from_secs(1));
+    let conns = t.n1.cli(&["conns"])?;
+    let row = conns
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["route"] == "same-node"))
+        .with_context(|| format!("no same-node connection in {conns}"))?;
+    assert!(
+        row["bytes_sent"].as_u64().unwrap_or(0) >= 10,
+        "ferry conns counts the bytes the kernel carried: {row}"
+    );
+
+    t.n1.write_policy(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n",
+    )?;
+    t.agent.wait_for(
+        |l| l.msg() == "live connection closed: the new policies deny it",
+        Duration::from_secs(5),
+    )?;
+    h.wait_for_output("\"ok\":false", Duration::from_secs(5))?;
+    let d = dial(t.client.command(testapp()), to, "x")?;
+    assert!(!d.ok, "new connections are refused: {d:?}");
+    Ok(())
+}
+
+/// With the fast path off in the node config, same-node connections are relayed in userspace: bytes
+/// intact, counted, and the verdict never runs.
+#[test]
+fn with_the_fast_path_off_same_node_traffic_is_relayed_in_userspace() -> Result<()> {
+    let t = same_node("capture: {fast_path: false}\n")?;
+    t.agent.wait_for(
+        |l| l.msg().starts_with("same-node fast path off"),
+        Duration::from_secs(5),
+    )?;
+    let _echo = t
+        .world
+        .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
+    let n = 4 * 1024 * 1024;
+    let b = bulk(t.client.command(testapp()), to, n, None)?;
+    assert!(b.ok && b.intact && b.received == n, "{b:?}");
+    let line = t.agent.wait_for(
+        |l| l.is_access() && l.field("dst") == Some(to.to_string()),
+        Duration::from_secs(5),
+    )?;
+    assert_eq!(line.field("bytes_sent"), Some(n.to_string()), "{}", line.0);
+    assert_eq!(capture_event(&t.n1, "splice_redirected")?, 0);
+    let _ = &t.client;
+    Ok(())
+}

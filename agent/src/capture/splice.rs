@@ -50,13 +50,11 @@ pub struct Joined {
 impl Splice {
     pub(super) fn new(
         sockets: SockHash<MapData, u64>,
-        mut peers: HashMap<MapData, u64, SplicePeer>,
+        peers: HashMap<MapData, u64, SplicePeer>,
     ) -> Self {
-        // Entries left by an agent that was killed name sockets that died with it.
-        let stale: Vec<u64> = peers.keys().filter_map(Result::ok).collect();
-        for k in stale {
-            let _ = peers.remove(&k);
-        }
+        // Entries a predecessor left stay: during a handoff it still relays its joined connections
+        // through them. Those of a killed agent name sockets that died with it; socket cookies are
+        // never reused, so they only wait for the LRU to evict them.
         Self {
             sockets: Mutex::new(sockets),
             peers: Mutex::new(peers),

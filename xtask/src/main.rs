@@ -209,6 +209,12 @@ fn fuzz_one(root: &Path, target: &str, what: &str, seconds: u32) -> Result<()> {
         for line in tail.into_iter().rev() {
             eprintln!("{line}");
         }
+        if log.contains("failed to build fuzz script") {
+            bail!(
+                "building the fuzz target {target} failed ({}): see the compiler's errors above",
+                out.status
+            );
+        }
         bail!(
             "fuzzing {what} failed ({}); the crashing input is under agent/fuzz/artifacts/{target}/: add it as a unit test",
             out.status

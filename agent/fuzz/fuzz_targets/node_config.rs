@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use ferry::config::NodeConfig;
+use ferry::config::{NodeConfig, WorkloadSource};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,7 +20,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(p.outbound != 0 && p.inbound != 0 && p.hbone != 0);
             assert!(p.outbound != p.inbound && p.inbound != p.hbone && p.outbound != p.hbone);
             assert!(c.bpffs_root.is_absolute() && c.cgroup_root.is_absolute());
-            assert!(c.workloads.is_absolute(), "relative paths resolve against /etc/ferry");
+            match &c.workloads {
+                WorkloadSource::File(path) => {
+                    assert!(path.is_absolute(), "relative paths resolve against /etc/ferry")
+                }
+                WorkloadSource::Kubernetes(k) => {
+                    assert!(k.cni_socket.is_absolute() && k.kubepods_cgroup.is_absolute())
+                }
+            }
             assert_eq!(c.trust_domain.is_some(), c.certificates.is_some());
             let h = c.hbone;
             assert!(h.max_pending_handshakes_per_peer <= h.max_pending_handshakes);

@@ -338,7 +338,12 @@ fn an_agent_starting_without_the_api_waits_for_its_first_list() -> Result<()> {
     api.put_pod(pod_object(&a, uid, &[], "Burstable", false));
     world.write_config(&node, &kube_config(&api, &node, "systemd")?)?;
     api.go_down();
-    let agent = world.start_agent(&node)?;
+    // Not "ready": without a first list the agent neither enrolls nor takes over from a predecessor.
+    let agent = world.spawn_agent(&node, &node.config_path(), &[])?;
+    agent.wait_for(
+        |l| l.msg() == "waiting for the first workload set before enrolling pods or taking over",
+        Duration::from_secs(20),
+    )?;
     std::thread::sleep(Duration::from_secs(1));
     let (code, body) = node.http_get("/readyz")?;
     assert_eq!(code, 503, "{body}");

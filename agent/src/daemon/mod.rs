@@ -189,6 +189,9 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
     let workloads = match workloads {
         Some(set) => set,
         None => {
+            tracing::info!(
+                "waiting for the first workload set before enrolling pods or taking over"
+            );
             let mut wait = tokio::time::interval(RELOAD_INTERVAL);
             loop {
                 tokio::select! {

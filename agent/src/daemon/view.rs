@@ -312,15 +312,15 @@ impl AdminState for AgentView {
     }
 
     fn ready(&self) -> Result<(), String> {
-        if !self.ready.load(Ordering::Relaxed) {
-            return Err("capture, certificates or configuration not ready yet".into());
-        }
         // Until the first list of pods and namespaces, this agent has enrolled nothing: in a rolling
         // update the previous agent must keep serving until then.
         match &self.kube {
             Some(k) if !k.status().synced => Err(
                 "waiting for the first list of pods and namespaces from the Kubernetes API".into(),
             ),
+            _ if !self.ready.load(Ordering::Relaxed) => {
+                Err("capture, certificates or configuration not ready yet".into())
+            }
             _ => Ok(()),
         }
     }

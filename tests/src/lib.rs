@@ -202,6 +202,24 @@ pub struct Node {
     pub dir: PathBuf,
 }
 
+/// The sum of Prometheus metric `name`'s series (text format) whose labels include every
+/// `(key, value)` of `want`.
+pub fn metric_sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
 impl Node {
     pub fn gateway4(&self) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.subnet, 1)
@@ -247,6 +265,15 @@ impl Node {
             );
         }
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+    /// The sum of metric `name`'s series whose labels include every `(key, value)` of `want`, from
+    /// the agent's `/metrics` (0 when none: a counter vector has no series before its first event).
+    pub fn metric(&self, name: &str, want: &[(&str, &str)]) -> Result<f64> {
+        let (status, text) = self.http_get("/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(metric_sum(&text, name, want))
     }
     /// `GET path` from the agent's admin HTTP server (127.0.0.1:15020 in the node's netns).
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {

@@ -20,6 +20,11 @@ struct SameNode {
     agent: Agent,
 }
 
+/// A capture event counter of the node's agent.
+fn events(node: &Node, event: &str) -> Result<u64> {
+    Ok(node.metric("ferry_capture_events_total", &[("event", event)])? as u64)
+}
+
 fn same_node(extra: &str) -> Result<SameNode> {
     let mut world = World::new()?;
     let n1 = world.add_node("n1", 1, false)?;
@@ -73,27 +78,6 @@ fn bulk(mut cmd: Command, to: SocketAddr, bytes: usize, expect: Option<usize>) -
     serde_json::from_str(out.trim()).with_context(|| format!("parsing {out:?}"))
 }
 
-/// The sum of one `ferry_capture_events_total` series.
-fn capture_event(node: &Node, event: &str) -> Result<u64> {
-    let (_, body) = node.http_get("/metrics")?;
-    let needle = format!("event=\"{event}\"");
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with("ferry_capture_events_total") && l.contains(&needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64)
-}
-
-/// The sum of an Istio byte counter over every series.
-fn metric_sum(node: &Node, name: &str) -> Result<u64> {
-    let (_, body) = node.http_get("/metrics")?;
-    Ok(body
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64)
-}
-
 /// Bytes intact both ways for 1 B, 64 KiB and 16 MiB with the client's half-close, and with the
 /// app's (it sends first and finishes, the client still sends afterwards); the kernel carried them
 /// (the verdict's counter moved, nothing fell back); the access log and the metrics count every byte.
@@ -115,7 +99,7 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
     ]);
     let first = t.world.spawn(srv, "first")?;
     first.wait_for_output("listening", Duration::from_secs(5))?;
-    let before = capture_event(&t.n1, "splice_redirected")?;
+    let before = events(&t.n1, "splice_redirected")?;
     let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
     let sizes = [1usize, 64 * 1024, 16 * 1024 * 1024];
     for n in sizes {
@@ -135,13 +119,13 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
     let b = bulk(t.client.command(testapp()), to6, 4 << 20, None)?;
     assert!(b.ok && b.intact && b.received == 4 << 20, "IPv6: {b:?}");
 
-    let redirected = capture_event(&t.n1, "splice_redirected")? - before;
+    let redirected = events(&t.n1, "splice_redirected")? - before;
     assert!(
         redirected > 100,
         "the kernel redirected only {redirected} buffers"
     );
     assert_eq!(
-        capture_event(&t.n1, "splice_passed")?,
+        events(&t.n1, "splice_passed")?,
         0,
         "no connection fell back to userspace"
     );
@@ -211,8 +195,12 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
 
     // Istio's byte counters agree with the access log, both directions of all five connections.
     let total_sent: u64 = sizes.iter().map(|n| *n as u64).sum::<u64>() + 100_000 + (4 << 20);
-    let request = metric_sum(&t.n1, "istio_tcp_received_bytes_total")?;
-    let response = metric_sum(&t.n1, "istio_tcp_sent_bytes_total")?;
+    let request =
+        t.n1.metric("istio_tcp_received_bytes_total", &[])
+            .map(|v| v as u64)?;
+    let response =
+        t.n1.metric("istio_tcp_sent_bytes_total", &[])
+            .map(|v| v as u64)?;
     assert_eq!(request, total_sent, "request bytes in the metrics");
     assert_eq!(response, received_total, "response bytes in the metrics");
     Ok(())
@@ -231,7 +219,7 @@ fn a_policy_change_closes_a_fast_path_connection_and_conns_counts_its_bytes() ->
     // The hold exchanges one byte each way every 50 ms; the pair is joined at the first exchange
     // after 5 ms, so from then on only the kernel sees its bytes.
     let joined = eventually(Duration::from_secs(5), || {
-        capture_event(&t.n1, "splice_redirected").unwrap_or(0) > 0
+        events(&t.n1, "splice_redirected").unwrap_or(0) > 0
     });
     assert!(joined, "the kernel carries the hold's bytes");
     std::thread::sleep(Duration::from_secs(1));
@@ -280,7 +268,7 @@ fn with_the_fast_path_off_same_node_traffic_is_relayed_in_userspace() -> Result<
         Duration::from_secs(5),
     )?;
     assert_eq!(line.field("bytes_sent"), Some(n.to_string()), "{}", line.0);
-    assert_eq!(capture_event(&t.n1, "splice_redirected")?, 0);
+    assert_eq!(events(&t.n1, "splice_redirected")?, 0);
     let _ = &t.client;
     Ok(())
 }

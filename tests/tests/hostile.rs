@@ -90,28 +90,8 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
-/// Sum of a metric's samples whose labels contain every `want` pair.
-fn metric(node: &Node, name: &str, want: &[(&str, &str)]) -> Result<f64> {
-    let (status, text) = node.http_get("/metrics")?;
-    ensure!(status == 200, "/metrics answered {status}");
-    Ok(text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
-            (n == name
-                && want
-                    .iter()
-                    .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum())
-}
-
 fn refused(node: &Node, reason: &str) -> Result<f64> {
-    metric(node, "ferry_hbone_refused_total", &[("reason", reason)])
+    node.metric("ferry_hbone_refused_total", &[("reason", reason)])
 }
 
 fn sock(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
@@ -146,7 +126,7 @@ fn a_thousand_unfinished_handshakes_are_bounded_while_others_get_through() -> Re
         "handshakes",
     )?;
     attack.wait_for_output("OPENED", Duration::from_secs(20))?;
-    let pending = metric(&t.n2, "ferry_hbone_pending_handshakes", &[])?;
+    let pending = t.n2.metric("ferry_hbone_pending_handshakes", &[])?;
     let rss_during = rss_kib(t.a2.pid)?;
     // Meanwhile a mesh connection (another source address) completes its handshake and its bytes.
     let d = dial(t.client.command(testapp()), target, "during")?;
@@ -179,7 +159,7 @@ fn a_thousand_unfinished_handshakes_are_bounded_while_others_get_through() -> Re
         last_close < 3000 + r["opened_ms"].as_u64().unwrap_or(0) + 2000,
         "the last one closed by the 3 s handshake timeout: {r}"
     );
-    assert_eq!(metric(&t.n2, "ferry_hbone_pending_handshakes", &[])?, 0.0);
+    assert_eq!(t.n2.metric("ferry_hbone_pending_handshakes", &[])?, 0.0);
     let grown = rss_during.saturating_sub(rss_before);
     eprintln!(
         "server agent RSS: {rss_before} KiB before, {rss_during} KiB with 1,000 unfinished handshakes (+{grown} KiB); overloaded {overloaded}, timeout {timed_out}, opened in {} ms",
@@ -473,8 +453,7 @@ fn a_bad_workloads_file_keeps_the_last_good_one_and_a_bad_node_config_is_named()
         |l| l.msg() == "workloads file rejected; keeping the last good one",
         Duration::from_secs(10),
     )?;
-    let errors = metric(
-        &t.n2,
+    let errors = t.n2.metric(
         "ferry_config_reloads_total",
         &[("config", "workloads"), ("result", "error")],
     )?;

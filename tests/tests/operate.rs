@@ -5,24 +5,7 @@ use std::{
 };
 
 use anyhow::Result;
-use ferry_e2e::{NodeOptions, World, dial, testapp};
-
-/// Sum of a metric's samples whose labels contain every `want` pair.
-fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
-            (n == name
-                && want
-                    .iter()
-                    .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum()
-}
+use ferry_e2e::{NodeOptions, World, dial, metric_sum, testapp};
 
 #[test]
 fn cli_metrics_and_readiness_against_a_running_agent() -> Result<()> {
@@ -133,21 +116,21 @@ fn cli_metrics_and_readiness_against_a_running_agent() -> Result<()> {
         ("connection_security_policy", "mutual_tls"),
     ];
     assert_eq!(
-        metric(&text, "istio_tcp_connections_opened_total", &labels),
+        metric_sum(&text, "istio_tcp_connections_opened_total", &labels),
         2.0,
         "{text}"
     );
     assert_eq!(
-        metric(&text, "istio_tcp_connections_closed_total", &labels),
+        metric_sum(&text, "istio_tcp_connections_closed_total", &labels),
         2.0
     );
     // "received" is the request direction: "metrics" (7 bytes) plus the hold's one-byte rounds.
     assert!(
-        metric(&text, "istio_tcp_received_bytes_total", &labels) >= 7.0 + 40.0,
+        metric_sum(&text, "istio_tcp_received_bytes_total", &labels) >= 7.0 + 40.0,
         "{text}"
     );
     assert!(
-        metric(
+        metric_sum(
             &text,
             "ferry_tls_handshake_seconds_count",
             &[("direction", "outbound"), ("result", "ok")]
@@ -155,7 +138,7 @@ fn cli_metrics_and_readiness_against_a_running_agent() -> Result<()> {
     );
     let (_, text2) = n2.http_get("/metrics")?;
     assert_eq!(
-        metric(
+        metric_sum(
             &text2,
             "istio_tcp_connections_opened_total",
             &[

@@ -146,10 +146,7 @@ impl Mesh {
 
     /// Whether plaintext from `ip` is a kubelet probe (delivered even in strict mode).
     pub fn is_probe_source(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
+        let ip = ip.to_canonical();
         self.probe_sources.iter().any(|n| n.contains(&ip))
     }
 

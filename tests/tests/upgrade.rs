@@ -127,12 +127,12 @@ struct Load {
     stop_file: PathBuf,
 }
 
-fn start_load(t: &TwoNodes) -> Result<Load> {
-    let stop_file = t.world.dir.join("load.stop");
-    let mut cmd = t.client.command(load_bin());
+fn start_load(world: &World, client: &Pod, server: &Pod) -> Result<Load> {
+    let stop_file = world.dir.join("load.stop");
+    let mut cmd = client.command(load_bin());
     cmd.args([
         "--to",
-        &SocketAddr::new(IpAddr::V4(t.server.ip4), APP_PORT).to_string(),
+        &SocketAddr::new(IpAddr::V4(server.ip4), APP_PORT).to_string(),
         "--long",
         &LONG_LIVED.to_string(),
         "--churn-ms",
@@ -142,7 +142,7 @@ fn start_load(t: &TwoNodes) -> Result<Load> {
         "--stop-file",
     ])
     .arg(&stop_file);
-    let proc = t.world.spawn(cmd, "load")?;
+    let proc = world.spawn(cmd, "load")?;
     proc.wait_for_output("started", Duration::from_secs(15))?;
     Ok(Load { proc, stop_file })
 }
@@ -183,7 +183,7 @@ fn upgrade_under_load_drops_nothing() -> Result<()> {
         &format!("0.0.0.0:{APP_PORT}"),
         "cart",
     )?;
-    let load = start_load(&t)?;
+    let load = start_load(&t.world, &t.client, &t.server)?;
     std::thread::sleep(Duration::from_millis(800));
     let b1 = replace(&t.world, &t.n1, &t.a1, 1, &[])?;
     std::thread::sleep(Duration::from_millis(1200));
@@ -310,6 +310,54 @@ fn killed_agent_fails_closed_and_a_new_one_serves_within_2s() -> Result<()> {
     Ok(())
 }
 
+/// Same-node connections the old agent joined in the kernel (the fast path) stay joined through a
+/// handoff: the successor attaches its verdict program to the same pinned maps and leaves the old
+/// agent's pairs in place while the old agent drains them, so their bytes keep flowing intact.
+#[test]
+fn upgrade_keeps_same_node_fast_path_connections_joined() -> Result<()> {
+    let _serial = serial();
+    let mut world = World::new()?;
+    let n1 = world.add_node("n1", 1, false)?;
+    let opts = NodeOptions {
+        drain_deadline: Some("60s"),
+        ..Default::default()
+    };
+    world.write_config(&n1, &opts)?;
+    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
+    let server = world.add_pod_as(&n1, "server", 20, "shop", "cart")?;
+    world.write_workloads(&n1, &[&client, &server])?;
+    let a1 = world.start_agent(&n1)?;
+    let _app = world.serve(
+        server.command(testapp()),
+        &format!("0.0.0.0:{APP_PORT}"),
+        "cart",
+    )?;
+    let load = start_load(&world, &client, &server)?;
+    let redirected = || counter(&n1, "splice_redirected").unwrap_or(0);
+    assert!(
+        ferry_e2e::eventually(Duration::from_secs(5), || redirected() > 0),
+        "the old agent joined no connection in the kernel"
+    );
+    let _b1 = replace(&world, &n1, &a1, 2, &[])?;
+    let after_handoff = redirected();
+    assert!(
+        ferry_e2e::eventually(Duration::from_secs(3), || redirected()
+            > after_handoff + 100),
+        "the old agent's joined connections left the kernel after the handoff ({after_handoff} buffers)"
+    );
+    let report = load.finish()?;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.new_failed, 0, "failed new connections: {report:?}");
+    assert_eq!(report.long_broken, 0, "broken transfers: {report:?}");
+    assert_eq!(report.long_ok, LONG_LIVED as u64, "{report:?}");
+    eprintln!(
+        "fast path through a handoff: {} buffers redirected, {} passed to userspace, {report:?}",
+        redirected(),
+        counter(&n1, "splice_passed")?
+    );
+    Ok(())
+}
+
 fn counter(node: &Node, name: &str) -> Result<u64> {
     let status = node.cli(&["status"])?;
     status["capture_counters"][name]
@@ -360,7 +408,7 @@ fn upgrade_to_a_different_ebpf_object_under_load() -> Result<()> {
     let delivered_before = counter(&t.n2, "inbound_delivery_passed")?;
     assert!(captured_before >= 1 && delivered_before >= 1);
 
-    let load = start_load(&t)?;
+    let load = start_load(&t.world, &t.client, &t.server)?;
     std::thread::sleep(Duration::from_millis(800));
     let args = [OsStr::new("--ebpf-object"), variant.as_os_str()];
     let b1 = replace(&t.world, &t.n1, &t.a1, 1, &args)?;

@@ -419,6 +419,13 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
         return sk_action::SK_PASS;
     };
     let len = ctx.len() as u64;
+    // A bare FIN reaches the verdict as a buffer without bytes. Redirected, the kernel's sender would
+    // hand the peer socket a zero-length send, take it as a broken pipe and set EPIPE on that socket
+    // — failing a connection that carried every byte. The end of stream needs no buffer: TCP already
+    // marked this socket shut for reading, which is what the agent's read of 0 bytes reports.
+    if len == 0 {
+        return sk_action::SK_DROP;
+    }
     unsafe {
         // Once anything went to userspace, everything does: a later redirected byte must not overtake
         // a byte still waiting for the agent to read it.

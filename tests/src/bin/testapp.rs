@@ -2,7 +2,8 @@
 //!
 //! - `serve --listen ADDR[,ADDR...] [--ports A-B] --tag T`: accepts on every address; for each
 //!   connection writes `T peer=<peer> local=<local>\n`, then echoes until EOF and closes its write side.
-//!   Prints `listening` once bound and `accepted <peer> <local>` per connection.
+//!   Prints `listening` once bound and `accepted <peer> <local>` per connection. With
+//!   `--send-first N [--pause-ms M]` it instead sends N bytes and half-closes first, then reads.
 //! - `dial --to ADDR --send TEXT --timeout-ms N`: connects, reports `getpeername()`/`getsockname()`,
 //!   reads the greeting line, sends TEXT, half-closes, reads the echo to EOF.
 //! - `dial-many --to ADDR[,ADDR...] --timeout-ms N`: dials every address concurrently (one thread
@@ -111,11 +112,16 @@ fn serve(args: &[String]) {
         };
         let tag = tag.clone();
         let first: Option<usize> = arg(args, "--send-first").and_then(|v| v.parse().ok());
+        let pause = Duration::from_millis(
+            arg(args, "--pause-ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        );
         threads.push(std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let tag = tag.clone();
                 std::thread::spawn(move || match first {
-                    Some(n) => handle_send_first(conn, &tag, n),
+                    Some(n) => handle_send_first(conn, &tag, n, pause),
                     None => handle(conn, &tag),
                 });
             }
@@ -281,15 +287,23 @@ fn read_pattern(r: &mut impl Read) -> std::io::Result<(usize, bool)> {
 }
 
 /// Server half-closes first: greeting, `n` pattern bytes, FIN; then reads the client's bytes to EOF.
-fn handle_send_first(mut conn: TcpStream, tag: &str, n: usize) {
+/// `pause` passes before the pattern and again before the FIN, so that a relay that changes how it
+/// carries a connection after a while (the same-node fast path) has done so before either.
+fn handle_send_first(mut conn: TcpStream, tag: &str, n: usize, pause: Duration) {
     let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
     println!("accepted {peer} {local}");
     if conn
         .write_all(format!("{tag} peer={peer} local={local}\n").as_bytes())
         .is_err()
-        || write_pattern(&mut conn, n).is_err()
-        || conn.shutdown(Shutdown::Write).is_err()
+        || {
+            std::thread::sleep(pause);
+            write_pattern(&mut conn, n).is_err()
+        }
+        || {
+            std::thread::sleep(pause);
+            conn.shutdown(Shutdown::Write).is_err()
+        }
     {
         println!("send-first failed");
         return;

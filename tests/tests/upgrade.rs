@@ -358,6 +358,58 @@ fn upgrade_keeps_same_node_fast_path_connections_joined() -> Result<()> {
     Ok(())
 }
 
+/// A replaced agent still draining keeps its connections under policy: a reload that denies one
+/// closes it there, as a running agent would — the successor never sees those connections.
+#[test]
+fn a_draining_agent_closes_the_connections_a_policy_reload_denies() -> Result<()> {
+    let _serial = serial();
+    let t = two_nodes()?;
+    let _app = t.world.serve(
+        t.server.command(testapp()),
+        &format!("0.0.0.0:{APP_PORT}"),
+        "cart",
+    )?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), APP_PORT);
+    let hold = t.world.hold(t.client.command(testapp()), to, 30)?;
+    // The destination node enforces policy; its old agent keeps the held connection while draining
+    // (60 s deadline, longer than this test).
+    let b2 = replace(&t.world, &t.n2, &t.a2, 1, &[])?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !hold.output().contains("\"ok\":"),
+        "the held connection ended with the handoff: {}",
+        hold.output()
+    );
+
+    t.n2.write_policy(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n",
+    )?;
+    t.a2.wait_for(
+        |l| l.msg() == "live connection closed: the new policies deny it",
+        Duration::from_secs(5),
+    )?;
+    hold.wait_for_output("\"ok\":false", Duration::from_secs(5))?;
+    // With its last connection closed the old agent is done draining, long before its deadline.
+    t.a2.wait_for(
+        |l| l.msg() == "agent stopped" && l.field("unfinished").as_deref() == Some("0"),
+        Duration::from_secs(5),
+    )?;
+    // The successor applies the same set to new connections.
+    b2.wait_for(|l| l.msg() == "policies reloaded", Duration::from_secs(5))?;
+    let d = dial(t.client.command(testapp()), to, "x")?;
+    assert!(!d.ok, "{d:?}");
+    b2.wait_for(
+        |l| {
+            l.is_access()
+                && l.field("reason")
+                    .is_some_and(|r| r.contains("shop/deny-frontend"))
+        },
+        Duration::from_secs(5),
+    )?;
+    Ok(())
+}
+
 fn counter(node: &Node, name: &str) -> Result<u64> {
     let status = node.cli(&["status"])?;
     status["capture_counters"][name]

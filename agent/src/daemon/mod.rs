@@ -306,28 +306,32 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
     view.ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
     handoff_server.close();
-    if handed_over {
-        // Drain as on SIGTERM, then stay until told to stop: under a DaemonSet, exiting would make
-        // the kubelet restart this (older) agent, which would then take the listeners back.
-        let mut stop_requested = false;
-        let drain = daemon.shutdown();
-        tokio::pin!(drain);
-        loop {
-            tokio::select! {
-                _ = &mut drain => break,
-                _ = term.recv() => stop_requested = true,
-                _ = int.recv() => stop_requested = true,
+    // Connections still draining stay under policy: a reload that denies one closes it here, as the
+    // running agent would (after a handoff the successor never sees them).
+    let mesh = daemon.mesh.clone();
+    let mut stop_requested = false;
+    let drain = daemon.shutdown();
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            _ = &mut drain => break,
+            _ = tick.tick() => {
+                if let Some(dir) = &cfg.policies {
+                    policy_watch.tick(dir, &cfg.root_namespace, &mesh, &view);
+                }
             }
+            _ = term.recv() => stop_requested = true,
+            _ = int.recv() => stop_requested = true,
         }
-        if !stop_requested {
-            tracing::info!("drained after the handoff; waiting for SIGTERM");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    }
+    if handed_over && !stop_requested {
+        // Under a DaemonSet, exiting would make the kubelet restart this (older) agent, which would
+        // then take the listeners back: stay until told to stop.
+        tracing::info!("drained after the handoff; waiting for SIGTERM");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    } else {
-        daemon.shutdown().await;
     }
     let _ = http_stop.send(());
     if socket_id.is_some() && socket_file_id(&cfg.admin.socket) == socket_id {

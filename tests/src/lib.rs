@@ -1280,3 +1280,104 @@ pub fn pin_hash_map(path: &Path, key_size: u32, value_size: u32) -> Result<()> {
     }
     Ok(())
 }
+
+/// A pinned BPF map with `u64` keys, opened with raw `bpf(2)` (the test world links no BPF library):
+/// lets a test see and change the agent's pinned state behind its back.
+pub struct PinnedU64Map(std::os::fd::OwnedFd);
+
+#[repr(C)]
+struct MapElem {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value_or_next: u64,
+    flags: u64,
+    _rest: [u8; 96],
+}
+
+impl PinnedU64Map {
+    pub fn open(path: &Path) -> Result<Self> {
+        #[repr(C)]
+        struct ObjGet {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+            _rest: [u8; 112],
+        }
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes())?;
+        let get = ObjGet {
+            pathname: cpath.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+            _rest: [0; 112],
+        };
+        // SAFETY: the attribute is sized as the kernel's union, zero-padded; the path outlives the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                7, // BPF_OBJ_GET
+                &get as *const ObjGet,
+                std::mem::size_of::<ObjGet>(),
+            )
+        };
+        if fd < 0 {
+            bail!(
+                "BPF_OBJ_GET {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: the kernel just returned this descriptor to us.
+        Ok(Self(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(fd as i32)
+        }))
+    }
+
+    fn call(&self, cmd: i64, key: Option<&u64>, out: Option<&mut u64>) -> std::io::Result<()> {
+        let attr = MapElem {
+            map_fd: std::os::fd::AsRawFd::as_raw_fd(&self.0) as u32,
+            _pad: 0,
+            key: key.map_or(0, |k| k as *const u64 as u64),
+            value_or_next: out.map_or(0, |o| o as *mut u64 as u64),
+            flags: 0,
+            _rest: [0; 96],
+        };
+        // SAFETY: the attribute is sized as the kernel's union; key and out point to live u64s.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                &attr as *const MapElem,
+                std::mem::size_of::<MapElem>(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Every key in the map.
+    pub fn keys(&self) -> Result<Vec<u64>> {
+        let mut keys = Vec::new();
+        let mut next = 0u64;
+        let mut prev: Option<u64> = None;
+        loop {
+            // BPF_MAP_GET_NEXT_KEY; ENOENT after the last key.
+            match self.call(4, prev.as_ref(), Some(&mut next)) {
+                Ok(()) => {
+                    keys.push(next);
+                    prev = Some(next);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+                Err(e) => bail!("BPF_MAP_GET_NEXT_KEY: {e}"),
+            }
+        }
+    }
+
+    pub fn delete(&self, key: u64) -> Result<()> {
+        // BPF_MAP_DELETE_ELEM
+        self.call(3, Some(&key), None)
+            .with_context(|| format!("BPF_MAP_DELETE_ELEM {key:#x}"))
+    }
+}

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use ferry_e2e::{
-    Agent, Node, NodeOptions, Pod, World, dial, eventually, run_with_timeout, testapp,
+    Agent, Node, NodeOptions, PinnedU64Map, Pod, World, dial, eventually, run_with_timeout, testapp,
 };
 
 struct SameNode {
@@ -270,6 +270,80 @@ fn a_policy_change_closes_a_fast_path_connection_and_conns_counts_its_bytes() ->
     h.wait_for_output("\"ok\":false", Duration::from_secs(5))?;
     let d = dial(t.client.command(testapp()), to, "x")?;
     assert!(!d.ok, "new connections are refused: {d:?}");
+    Ok(())
+}
+
+/// Bytes the kernel cannot redirect fall back to the userspace relay, in order and counted: here one
+/// socket of a joined pair is taken out of the sockhash behind the agent's back (as a socket that
+/// closes leaves it), so the other's verdict finds no peer to redirect to.
+#[test]
+fn bytes_the_kernel_cannot_redirect_fall_back_to_userspace_in_order() -> Result<()> {
+    let t = same_node("")?;
+    let _echo = t
+        .world
+        .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
+    let h = t.world.hold(t.client.command(testapp()), to, 3)?;
+    let joined = eventually(Duration::from_secs(5), || {
+        events(&t.n1, "splice_redirected").unwrap_or(0) > 0
+    });
+    assert!(joined, "the kernel carries the hold's bytes");
+
+    let maps = t.n1.bpffs_root.join("maps");
+    let peers = PinnedU64Map::open(&maps.join("FERRY_SPLICE_PEERS"))?.keys()?;
+    assert_eq!(peers.len(), 2, "one joined pair: {peers:x?}");
+    PinnedU64Map::open(&maps.join("FERRY_SPLICE"))?.delete(peers[0])?;
+    let redirected = events(&t.n1, "splice_redirected")?;
+
+    // The hold goes on exchanging a byte each way every 50 ms and checks each comes back.
+    let out = {
+        h.wait_for_output("\"ok\":", Duration::from_secs(10))?;
+        h.output()
+    };
+    assert!(out.contains("\"ok\":true"), "{out}");
+    assert_eq!(events(&t.n1, "splice_passed")?, 1, "one socket fell back");
+    assert_eq!(
+        events(&t.n1, "splice_redirected")?,
+        redirected,
+        "nothing was redirected after the fallback"
+    );
+    let rounds: u64 = out
+        .split("\"rounds\":")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|r| r.parse().ok())
+        .with_context(|| format!("rounds in {out}"))?;
+    assert!(rounds > 20, "{out}");
+    // Every byte is counted once, whichever way it went: the hold's rounds one way, the greeting and
+    // the echoed rounds the other.
+    let line = t.agent.wait_for(
+        |l| l.is_access() && l.field("dst") == Some(to.to_string()),
+        Duration::from_secs(5),
+    )?;
+    assert_eq!(
+        line.field("result").as_deref(),
+        Some("closed"),
+        "{}",
+        line.0
+    );
+    assert_eq!(
+        line.field("bytes_sent"),
+        Some(rounds.to_string()),
+        "{}",
+        line.0
+    );
+    let greeting = format!("cart peer={} local={to}\n", t.client.ip4);
+    let received: u64 = line
+        .field("bytes_received")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // The greeting also names the client's port: ':' and 1 to 5 digits.
+    let port_len = received.checked_sub(rounds + greeting.len() as u64);
+    assert!(
+        port_len.is_some_and(|p| (2..=6).contains(&p)),
+        "the greeting ({greeting:?} with the port) and {rounds} echoed bytes: {}",
+        line.0
+    );
     Ok(())
 }
 

@@ -816,6 +816,49 @@ impl Drop for World {
     }
 }
 
+/// The most common world: node n1 with a client pod (shop/frontend, 198.18.1.10) and node n2 with a
+/// server pod (shop/cart, 198.18.2.20), both in both nodes' workloads, both agents running with
+/// their pod enrolled.
+pub struct TwoNodes {
+    pub world: World,
+    pub n1: Node,
+    pub n2: Node,
+    pub client: Pod,
+    pub server: Pod,
+    pub a1: Agent,
+    pub a2: Agent,
+}
+
+impl TwoNodes {
+    /// Starts the world with `o1` and `o2` as the nodes' config options.
+    pub fn start(o1: &NodeOptions, o2: &NodeOptions) -> Result<Self> {
+        let mut world = World::new()?;
+        let n1 = world.add_node("n1", 1, true)?;
+        let n2 = world.add_node("n2", 2, true)?;
+        world.write_config(&n1, o1)?;
+        world.write_config(&n2, o2)?;
+        let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
+        let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
+        for n in [&n1, &n2] {
+            world.write_workloads(n, &[&client, &server])?;
+        }
+        let a1 = world.start_agent(&n1)?;
+        let a2 = world.start_agent(&n2)?;
+        for a in [&a1, &a2] {
+            a.wait_for(|l| l.msg() == "pod enrolled", Duration::from_secs(5))?;
+        }
+        Ok(Self {
+            world,
+            n1,
+            n2,
+            client,
+            server,
+            a1,
+            a2,
+        })
+    }
+}
+
 /// A JSON log line of the agent.
 pub struct LogLine(pub serde_json::Value);
 

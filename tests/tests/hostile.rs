@@ -6,8 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use ferry_e2e::{
-    Agent, Node, NodeOptions, Pod, Proc, TRUST_DOMAIN, World, dial, eventually, run_with_timeout,
-    testapp,
+    Node, NodeOptions, Proc, TRUST_DOMAIN, TwoNodes, dial, eventually, run_with_timeout, testapp,
 };
 
 const APP_PORT: u16 = 8080;
@@ -15,55 +14,31 @@ const HBONE_PORT: u16 = 15008;
 /// Small limits, so that the tests reach them quickly.
 const LIMITS: &str = "hbone:\n  handshake_timeout: 3s\n  max_pending_handshakes: 512\n  max_pending_handshakes_per_peer: 100\n  request_timeout: 2s\n  max_header_list_size: 4096\n";
 
+/// n1 with a client pod, n2 with a server pod running the echo app on :8080; n2's agent has `LIMITS`.
 struct Two {
-    world: World,
-    n1: Node,
-    n2: Node,
-    client: Pod,
-    server: Pod,
-    a1: Agent,
-    a2: Agent,
+    t: TwoNodes,
     _app: Proc,
 }
 
-/// n1 with a client pod, n2 with a server pod running the echo app on :8080; n2's agent has `LIMITS`.
+impl std::ops::Deref for Two {
+    type Target = TwoNodes;
+    fn deref(&self) -> &TwoNodes {
+        &self.t
+    }
+}
+
 fn two() -> Result<Two> {
-    let mut world = World::new()?;
-    let n1 = world.add_node("n1", 1, true)?;
-    let n2 = world.add_node("n2", 2, true)?;
-    world.write_config(&n1, &NodeOptions::default())?;
-    world.write_config(
-        &n2,
-        &NodeOptions {
-            extra: LIMITS.into(),
-            ..NodeOptions::default()
-        },
-    )?;
-    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
-    let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
-    for n in [&n1, &n2] {
-        world.write_workloads(n, &[&client, &server])?;
-    }
-    let a1 = world.start_agent(&n1)?;
-    let a2 = world.start_agent(&n2)?;
-    for a in [&a1, &a2] {
-        a.wait_for(|l| l.msg() == "pod enrolled", Duration::from_secs(5))?;
-    }
-    let app = world.serve(
-        server.command(testapp()),
+    let limits = NodeOptions {
+        extra: LIMITS.into(),
+        ..NodeOptions::default()
+    };
+    let t = TwoNodes::start(&NodeOptions::default(), &limits)?;
+    let app = t.world.serve(
+        t.server.command(testapp()),
         &format!("0.0.0.0:{APP_PORT}"),
         "cart",
     )?;
-    Ok(Two {
-        world,
-        n1,
-        n2,
-        client,
-        server,
-        a1,
-        a2,
-        _app: app,
-    })
+    Ok(Two { t, _app: app })
 }
 
 fn hostile_py() -> PathBuf {

@@ -8,50 +8,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use ferry_e2e::{
-    Agent, Node, NodeOptions, Pod, Proc, Sniffer, World, contains, dial, run_with_timeout, testapp,
+    NodeOptions, Pod, Proc, Sniffer, TwoNodes, World, contains, dial, run_with_timeout, testapp,
 };
 
 const APP_PORT: u16 = 8080;
 
-struct TwoNodes {
-    world: World,
-    n1: Node,
-    n2: Node,
-    client: Pod,
-    server: Pod,
-    a1: Agent,
-    a2: Agent,
-}
-
 fn two_nodes() -> Result<TwoNodes> {
-    two_nodes_with(&NodeOptions::default(), &NodeOptions::default())
-}
-
-fn two_nodes_with(o1: &NodeOptions, o2: &NodeOptions) -> Result<TwoNodes> {
-    let mut world = World::new()?;
-    let n1 = world.add_node("n1", 1, true)?;
-    let n2 = world.add_node("n2", 2, true)?;
-    world.write_config(&n1, o1)?;
-    world.write_config(&n2, o2)?;
-    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
-    let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
-    for n in [&n1, &n2] {
-        world.write_workloads(n, &[&client, &server])?;
-    }
-    let a1 = world.start_agent(&n1)?;
-    let a2 = world.start_agent(&n2)?;
-    for a in [&a1, &a2] {
-        a.wait_for(|l| l.msg() == "pod enrolled", Duration::from_secs(5))?;
-    }
-    Ok(TwoNodes {
-        world,
-        n1,
-        n2,
-        client,
-        server,
-        a1,
-        a2,
-    })
+    TwoNodes::start(&NodeOptions::default(), &NodeOptions::default())
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -175,7 +138,7 @@ fn strict_inbound_refuses_plaintext_from_outside_the_mesh() -> Result<()> {
         inbound: Some("strict"),
         ..Default::default()
     };
-    let t = two_nodes_with(&NodeOptions::default(), &strict)?;
+    let t = TwoNodes::start(&NodeOptions::default(), &strict)?;
     let app = echo_server(&t, &t.server, APP_PORT, "cart")?;
     let to = SocketAddr::new(IpAddr::V4(t.server.ip4), APP_PORT);
     let d = dial(t.n1.command(testapp()), to, "plain")?;
@@ -295,7 +258,7 @@ fn certificate_renewal_during_a_long_transfer() -> Result<()> {
         workload_ttl: Some("4s"),
         ..Default::default()
     };
-    let t = two_nodes_with(&short, &short)?;
+    let t = TwoNodes::start(&short, &short)?;
     let _app = echo_server(&t, &t.server, APP_PORT, "cart")?;
     let mut hold = t.client.command(testapp());
     hold.args([

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use ferry_e2e::{
-    Agent, LogLine, Node, NodeOptions, Pod, Proc, Sniffer, World, contains, dial,
+    Agent, LogLine, Node, NodeOptions, Pod, Proc, Sniffer, TwoNodes, World, contains, dial,
     ebpf_variant_object, load_bin, testapp,
 };
 
@@ -30,46 +30,13 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// Long-lived transfers kept running through each replacement.
 const LONG_LIVED: usize = 50;
 
-struct TwoNodes {
-    world: World,
-    n1: Node,
-    n2: Node,
-    client: Pod,
-    server: Pod,
-    a1: Agent,
-    a2: Agent,
-}
-
 fn two_nodes() -> Result<TwoNodes> {
-    let mut world = World::new()?;
-    let n1 = world.add_node("n1", 1, true)?;
-    let n2 = world.add_node("n2", 2, true)?;
     // Long enough that the transfers a replaced agent keeps serving end before it cuts them.
     let opts = NodeOptions {
         drain_deadline: Some("60s"),
         ..Default::default()
     };
-    world.write_config(&n1, &opts)?;
-    world.write_config(&n2, &opts)?;
-    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
-    let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
-    for n in [&n1, &n2] {
-        world.write_workloads(n, &[&client, &server])?;
-    }
-    let a1 = world.start_agent(&n1)?;
-    let a2 = world.start_agent(&n2)?;
-    for a in [&a1, &a2] {
-        a.wait_for(|l| l.msg() == "pod enrolled", Duration::from_secs(5))?;
-    }
-    Ok(TwoNodes {
-        world,
-        n1,
-        n2,
-        client,
-        server,
-        a1,
-        a2,
-    })
+    TwoNodes::start(&opts, &opts)
 }
 
 /// The node's config for a second agent beside the running one: the same except the admin HTTP

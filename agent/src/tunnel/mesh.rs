@@ -343,13 +343,17 @@ impl Mesh {
             dst_ip,
             identity: identity.clone(),
         };
-        let config = tls::client_config(certs.bundle(), cert.certified_key(), identity)
-            .map_err(|e| TunnelError::Io(std::io::Error::other(e.to_string())))?;
         let hbone_port = self.ports.hbone;
         let netns = src.netns.clone();
         let metrics = self.metrics.clone();
+        let generation = cert.generation();
+        // The TLS config (trust anchors parsed, verifier built) only for a new connection: most
+        // connections find a pooled one.
+        let bundle = certs.bundle();
         self.pool
-            .get_or_connect(key, cert.generation(), move || async move {
+            .get_or_connect(key, generation, move || async move {
+                let config = tls::client_config(bundle, cert.certified_key(), identity)
+                    .map_err(|e| TunnelError::Io(std::io::Error::other(e.to_string())))?;
                 let addr = SocketAddr::new(dst_ip, hbone_port);
                 let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect_in(&netns, addr))
                     .await

@@ -859,6 +859,50 @@ impl TwoNodes {
     }
 }
 
+/// The policy tests' world before any agent starts: node n1 with a client pod (shop/frontend) and an
+/// intruder pod (lab/default), node n2 with a server pod (shop/cart) labelled `app: cart`, all three
+/// in both nodes' workloads.
+pub struct ShopAndLab {
+    pub world: World,
+    pub n1: Node,
+    pub n2: Node,
+    pub client: Pod,
+    pub intruder: Pod,
+    pub server: Pod,
+}
+
+impl ShopAndLab {
+    pub fn new() -> Result<Self> {
+        let mut world = World::new()?;
+        let n1 = world.add_node("n1", 1, true)?;
+        let n2 = world.add_node("n2", 2, true)?;
+        let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
+        let intruder = world.add_pod_as(&n1, "intruder", 11, "lab", "default")?;
+        let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
+        for n in [&n1, &n2] {
+            world.write_workloads(n, &[&client, &intruder, &server])?;
+        }
+        // The label a policy's selector picks the server by.
+        let text = fs::read_to_string(n2.workloads_path())?;
+        let labelled = text.replace(
+            "  - name: server\n",
+            "  - name: server\n    labels: {app: cart}\n",
+        );
+        if labelled == text {
+            bail!("the workloads file no longer has the server entry this fixture labels");
+        }
+        fs::write(n2.workloads_path(), labelled)?;
+        Ok(Self {
+            world,
+            n1,
+            n2,
+            client,
+            intruder,
+            server,
+        })
+    }
+}
+
 /// A JSON log line of the agent.
 pub struct LogLine(pub serde_json::Value);
 

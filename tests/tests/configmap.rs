@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use ferry_e2e::{Agent, Node, Pod, World, dial, ferry_bin, testapp};
+use ferry_e2e::{Agent, Node, Pod, ShopAndLab, World, dial, ferry_bin, testapp};
 
 /// Only frontend (namespace shop) may reach the cart.
 const ALLOW_FRONTEND: &str = "\
@@ -115,20 +115,14 @@ fn start_agent_with_node_name_env(world: &World, node: &Node) -> Result<Agent> {
 }
 
 fn mesh() -> Result<Mesh> {
-    let mut world = World::new()?;
-    let n1 = world.add_node("n1", 1, true)?;
-    let n2 = world.add_node("n2", 2, true)?;
-    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
-    let intruder = world.add_pod_as(&n1, "intruder", 11, "lab", "default")?;
-    let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
-    for n in [&n1, &n2] {
-        world.write_workloads(n, &[&client, &intruder, &server])?;
-    }
-    let text = std::fs::read_to_string(n2.workloads_path())?.replace(
-        "  - name: server\n",
-        "  - name: server\n    labels: {app: cart}\n",
-    );
-    std::fs::write(n2.workloads_path(), text)?;
+    let ShopAndLab {
+        world,
+        n1,
+        n2,
+        client,
+        intruder,
+        server,
+    } = ShopAndLab::new()?;
     // The first projection of the volume, before the agent starts, as on a pod's first start.
     kubelet_project(
         &n2.policies_dir(),

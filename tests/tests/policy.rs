@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::Result;
-use ferry_e2e::{Agent, Node, Pod, Proc, World, dial, testapp};
+use ferry_e2e::{Agent, Node, Pod, Proc, ShopAndLab, World, dial, testapp};
 
 struct Mesh {
     world: World,
@@ -31,21 +31,14 @@ spec:
 ";
 
 fn mesh() -> Result<Mesh> {
-    let mut world = World::new()?;
-    let n1 = world.add_node("n1", 1, true)?;
-    let n2 = world.add_node("n2", 2, true)?;
-    let client = world.add_pod_as(&n1, "client", 10, "shop", "frontend")?;
-    let intruder = world.add_pod_as(&n1, "intruder", 11, "lab", "default")?;
-    let server = world.add_pod_as(&n2, "server", 20, "shop", "cart")?;
-    for n in [&n1, &n2] {
-        world.write_workloads(n, &[&client, &intruder, &server])?;
-    }
-    // The server pod carries app=cart, which the policy selects.
-    let text = std::fs::read_to_string(n2.workloads_path())?.replace(
-        "  - name: server\n",
-        "  - name: server\n    labels: {app: cart}\n",
-    );
-    std::fs::write(n2.workloads_path(), text)?;
+    let ShopAndLab {
+        world,
+        n1,
+        n2,
+        client,
+        intruder,
+        server,
+    } = ShopAndLab::new()?;
     n2.write_policy("cart.yaml", ALLOW_FRONTEND)?;
     let _a1 = world.start_agent(&n1)?;
     let a2 = world.start_agent(&n2)?;

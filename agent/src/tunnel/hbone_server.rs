@@ -347,10 +347,13 @@ fn serve_stream<H: ConnectHandler>(
 ) -> impl Future<Output = ()> + Send + 'static {
     let open = Box::pin(open_stream(request, respond, handler, expected_local_ip));
     async move {
-        if let Some(mut relay) = open.await {
-            let result = (&mut relay.relay).await;
-            relay.complete(result);
-        }
+        // `let else`, not `if let`: the scrutinee of an `if let` would stay in the task beside the
+        // binding for as long as the relay runs.
+        let Some(mut relay) = open.await else {
+            return;
+        };
+        let result = (&mut relay.relay).await;
+        relay.complete(result);
     }
 }
 

@@ -29,10 +29,13 @@ pub async fn handle(
     orig_dst: Option<SocketAddr>,
 ) {
     let open = Box::pin(open(mesh, pod, app, peer, orig_dst));
-    if let Some(mut tunnelled) = open.await {
-        let result = (&mut tunnelled.relay).await;
-        tunnelled.finish(result);
-    }
+    // `let else`, not `if let`: the scrutinee of an `if let` would stay in the task beside the
+    // binding for as long as the relay runs.
+    let Some(mut tunnelled) = open.await else {
+        return;
+    };
+    let result = (&mut tunnelled.relay).await;
+    tunnelled.finish(result);
 }
 
 /// A connection carried over HBONE, relaying.

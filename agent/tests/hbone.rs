@@ -75,7 +75,7 @@ async fn relay_from_app_socket_counts_bytes() {
     let relay = tokio::spawn(async move {
         let (captured, _) = app_listener.accept().await.expect("accept app");
         let stream = client.connect(echo, client_addr()).await.expect("CONNECT");
-        stream.relay(captured, &relay_stats).await
+        stream.relay(captured, relay_stats).await
     });
     let len = 8 * 1024 * 1024 + 17;
     let data = pattern(len, 3);

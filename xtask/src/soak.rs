@@ -5,8 +5,22 @@
 //! `tests/soak/soak.py` (asyncio, one process each) is the load: the client opens every connection
 //! (one-byte round trip each), holds them all, then sends a pattern unique to each connection on all of
 //! them at once, compares the echo, half-closes and reads to EOF. It fails when any connection does not
-//! open or its bytes come back wrong; the memory target (8 MB + 4 KB per connection, each agent) is
-//! reported, not asserted, like the bench's targets.
+//! open or its bytes come back wrong.
+//!
+//! It also fails when an agent's memory is over the bound, 8 MB + 4 KB per connection (RSS
+//! of each agent with every connection open), checked in the two parts that can honestly fail at the
+//! size being run:
+//!
+//! - **Per connection, at every size:** RSS with all connections open minus RSS just before opening
+//!   them, divided by the count, must be at most 4 KB (4,000 bytes). This is the part that scales; the
+//!   agents have already carried a few connections when the first figure is taken, so pooled HBONE
+//!   connections and the allocator's arenas exist in both figures and the difference is what the
+//!   connections themselves hold.
+//! - **In total, from [`FULL`] connections on** (the size, `cargo xtask soak`): RSS with all
+//!   open at most 8 MB + 4 KB × count. Below that size the fixed 8 MB decides the total, and the idle
+//!   agent is over it on its own (mostly pages of the binary's code, see the README's Performance
+//!   section), so the total would fail whatever the connections cost: the test suite's 1,000 checks
+//!   the growth only.
 use std::{
     path::PathBuf,
     time::{Duration, Instant},
@@ -24,6 +38,12 @@ use crate::{
 const PORT: u16 = 9000;
 /// Bytes each connection carries each way.
 const BYTES: u32 = 16 * 1024;
+/// From this many connections on, the total bound is asserted too.
+const FULL: u32 = 10_000;
+/// The bound: this much per agent...
+const FIXED_BYTES: f64 = 8_000_000.0;
+/// ... plus this much per open connection.
+const PER_CONN_BYTES: f64 = 4_000.0;
 
 fn soak_py() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/soak/soak.py")
@@ -125,28 +145,53 @@ pub fn run(bins: &Bins, conns: u32) -> Result<()> {
     progress(started, &format!("done: {done}"));
 
     let n = f64::from(conns);
-    let target_kib = (8_000_000.0 + 4_000.0 * n) / 1024.0;
+    let total_bound = FIXED_BYTES + PER_CONN_BYTES * n;
     println!(
-        "\n### Soak: {conns} concurrent connections, cross-node, {BYTES} B each way on each\n\nopened in {:.1} s, carried in {:.1} s; intact {} / failed {}\n\n| agent | idle RSS | with {conns} open | per connection | after close | target 8 MB + 4 KB/conn |\n| --- | --- | --- | --- | --- | --- |",
+        "\n### Soak: {conns} concurrent connections, cross-node, {BYTES} B each way on each\n\nopened in {:.1} s, carried in {:.1} s; intact {} / failed {}\n\n| agent | idle RSS | with {conns} open | per connection (bound 4 KB) | after close | total (bound 8 MB + 4 KB/conn: {:.1} MiB) |\n| --- | --- | --- | --- | --- | --- |",
         opened["elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0,
         done["elapsed_ms"].as_f64().unwrap_or(0.0) / 1000.0,
         done["intact"],
         done["failed"],
+        total_bound / MIB,
     );
+    let mut over = Vec::new();
     for (i, a) in agents.iter().enumerate() {
-        let per = (open[i] as f64 - idle[i] as f64) * 1024.0 / n;
-        let met = (open[i] as f64) <= target_kib;
+        let side = if i == 0 { "client side" } else { "server side" };
+        let (idle_b, open_b) = (idle[i] as f64 * 1024.0, open[i] as f64 * 1024.0);
+        let per = (open_b - idle_b) / n;
+        let per_met = per <= PER_CONN_BYTES;
+        let total_met = open_b <= total_bound;
         println!(
-            "| {} ({}) | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} MiB | {} ({:.1} MiB) |",
+            "| {} ({side}) | {:.1} MiB | {:.1} MiB | {:.0} B, {} | {:.1} MiB | {}{} |",
             a.node,
-            if i == 0 { "client side" } else { "server side" },
-            idle[i] as f64 / 1024.0,
-            open[i] as f64 / 1024.0,
-            per / 1024.0,
+            idle_b / MIB,
+            open_b / MIB,
+            per,
+            if per_met { "met" } else { "**missed**" },
             after[i] as f64 / 1024.0,
-            if met { "met" } else { "**missed**" },
-            target_kib / 1024.0,
+            if total_met { "met" } else { "**missed**" },
+            if conns >= FULL {
+                ""
+            } else {
+                " (not asserted below 10,000)"
+            },
         );
+        if !per_met {
+            over.push(format!(
+                "{} ({side}) grew by {per:.0} B per connection, over 4,000 B ({:.1} MiB idle, {:.1} MiB with {conns} open)",
+                a.node,
+                idle_b / MIB,
+                open_b / MIB
+            ));
+        }
+        if conns >= FULL && !total_met {
+            over.push(format!(
+                "{} ({side}) held {:.1} MiB with {conns} open, over 8 MB + 4 KB per connection ({:.1} MiB)",
+                a.node,
+                open_b / MIB,
+                total_bound / MIB
+            ));
+        }
     }
     if opened["open"] != conns || done["intact"] != conns {
         bail!(
@@ -154,6 +199,11 @@ pub fn run(bins: &Bins, conns: u32) -> Result<()> {
             load.out.display()
         );
     }
+    if !over.is_empty() {
+        bail!("agent memory over its bound: {}", over.join("; "));
+    }
     drop(world);
     Ok(())
 }
+
+const MIB: f64 = 1024.0 * 1024.0;

@@ -105,9 +105,13 @@ impl<'de> Deserialize<'de> for TrustDomain {
 
 /// A workload identity `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 ///
-/// Fields are private so an `Identity` is valid by construction.
+/// Fields are private so an `Identity` is valid by construction. Shared: every connection keeps the
+/// identities it was decided with, and a clone costs no allocation.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
+pub struct Identity(std::sync::Arc<Parts>);
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     trust_domain: TrustDomain,
     namespace: String,
     service_account: String,
@@ -129,11 +133,11 @@ impl Identity {
                 service_account: service_account.to_owned(),
             });
         }
-        Ok(Self {
+        Ok(Self(std::sync::Arc::new(Parts {
             trust_domain,
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-        })
+        })))
     }
 
     /// Parses Istio's principal form, the SPIFFE id without its scheme
@@ -143,22 +147,22 @@ impl Identity {
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 
     /// The Istio principal form (no scheme), which policies match against.
     pub fn principal(&self) -> String {
         format!(
             "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }
@@ -210,7 +214,7 @@ impl fmt::Display for Identity {
         write!(
             f,
             "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }

@@ -67,7 +67,55 @@ pub struct ConnRecord {
     pub decision: Option<String>,
     started: Instant,
     tracker: Option<ConnTracker>,
-    ends: Ends,
+    ends: EndNames,
+}
+
+/// What the access log prints of [`Ends`] (source and destination workload as `namespace/name`,
+/// source and destination principal), kept in one allocation: a record lives as long as its
+/// connection, and four strings of their own, with the options around them, cost each connection
+/// about 250 bytes more.
+#[derive(Default)]
+struct EndNames {
+    /// The four names one after the other.
+    text: Box<str>,
+    /// Where the second, third and fourth name start.
+    cuts: [usize; 3],
+}
+
+impl EndNames {
+    fn new(ends: &Ends) -> Self {
+        let mut text = String::new();
+        let mut cuts = [0; 3];
+        let workload = |text: &mut String, w: &Option<(String, String)>| {
+            if let Some((ns, n)) = w {
+                text.push_str(ns);
+                text.push('/');
+                text.push_str(n);
+            }
+        };
+        workload(&mut text, &ends.src);
+        cuts[0] = text.len();
+        workload(&mut text, &ends.dst);
+        cuts[1] = text.len();
+        text.push_str(ends.src_principal.as_deref().unwrap_or(""));
+        cuts[2] = text.len();
+        text.push_str(ends.dst_principal.as_deref().unwrap_or(""));
+        EndNames {
+            text: text.into_boxed_str(),
+            cuts,
+        }
+    }
+
+    /// Source workload, destination workload, source principal, destination principal.
+    fn names(&self) -> [&str; 4] {
+        let [a, b, c] = self.cuts;
+        [
+            &self.text[..a],
+            &self.text[a..b],
+            &self.text[b..c],
+            &self.text[c..],
+        ]
+    }
 }
 
 impl ConnRecord {
@@ -81,7 +129,7 @@ impl ConnRecord {
             peer: None,
             decision: None,
             tracker: None,
-            ends: Ends::default(),
+            ends: EndNames::default(),
             started: Instant::now(),
         }
     }
@@ -106,7 +154,7 @@ impl ConnRecord {
             },
         };
         self.tracker = Some(metrics.track_conn(&labels));
-        self.ends = ends.clone();
+        self.ends = EndNames::new(ends);
     }
 
     /// The live-table form of this connection.
@@ -142,6 +190,7 @@ impl ConnRecord {
                 error,
             } => ("error", sent, received, error),
         };
+        let [src_workload, dst_workload, src_principal, dst_principal] = self.ends.names();
         tracing::info!(
             target: "ferry::access",
             direction = self.direction.as_str(),
@@ -151,10 +200,10 @@ impl ConnRecord {
             route = self.route,
             peer_identity = self.peer.as_deref().unwrap_or(""),
             decision = self.decision.as_deref().unwrap_or(""),
-            src_workload = %workload(&self.ends.src),
-            dst_workload = %workload(&self.ends.dst),
-            src_principal = self.ends.src_principal.as_deref().unwrap_or(""),
-            dst_principal = self.ends.dst_principal.as_deref().unwrap_or(""),
+            src_workload,
+            dst_workload,
+            src_principal,
+            dst_principal,
             result,
             reason = %reason,
             bytes_sent = sent,
@@ -165,8 +214,29 @@ impl ConnRecord {
     }
 }
 
-fn workload(w: &Option<(String, String)>) -> String {
-    w.as_ref()
-        .map(|(ns, n)| format!("{ns}/{n}"))
-        .unwrap_or_default()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_names_come_back_as_given_also_when_missing() {
+        let ends = Ends {
+            src: Some(("shop".into(), "client".into())),
+            src_principal: None,
+            dst: Some(("shop".into(), "server".into())),
+            dst_principal: Some("spiffe://cluster.local/ns/shop/sa/cart".into()),
+            mutual_tls: true,
+        };
+        assert_eq!(
+            EndNames::new(&ends).names(),
+            [
+                "shop/client",
+                "shop/server",
+                "",
+                "spiffe://cluster.local/ns/shop/sa/cart"
+            ]
+        );
+        assert_eq!(EndNames::new(&Ends::default()).names(), ["", "", "", ""]);
+        assert_eq!(EndNames::default().names(), ["", "", "", ""]);
+    }
 }

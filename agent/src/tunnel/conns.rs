@@ -6,7 +6,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::Instant,
 };
 
 use super::{CopyStats, conn::Direction, kill::KillSwitch};
@@ -32,10 +32,10 @@ pub struct ConnEntry {
     /// The other end's verified identity, when the tunnel checked one.
     pub peer: Option<String>,
     pub started: Instant,
-    pub started_at: SystemTime,
     pub stats: Arc<CopyStats>,
-    /// Set for connections this node authorizes (the destination side).
-    pub policy: Option<PolicyInput>,
+    /// Set for connections this node authorizes (the destination side). Boxed: most of a
+    /// client-side agent's connections have none, and the entry lives as long as its connection.
+    pub policy: Option<Box<PolicyInput>>,
     /// Thrown to end the relay from outside.
     pub kill: Arc<KillSwitch>,
 }
@@ -93,9 +93,8 @@ impl ConnTable {
             route: c.route,
             peer: c.peer,
             started: Instant::now(),
-            started_at: SystemTime::now(),
             stats: Arc::new(CopyStats::new()),
-            policy: c.policy,
+            policy: c.policy.map(Box::new),
             kill: Arc::new(KillSwitch::default()),
         });
         if let Ok(mut live) = self.live.lock() {

@@ -1,13 +1,21 @@
 //! The relay between an HBONE stream (h2 send + receive halves) and a TCP-like stream.
-use std::future::poll_fn;
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll, ready},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
 
 use super::TunnelError;
 use crate::capture::splice::Joined;
@@ -114,144 +122,276 @@ pub struct CopyOutcome {
     pub received: u64,
 }
 
+/// The local end of a relay: a TCP socket of this node, or a wrapper of one.
+///
+/// Its read readiness is what lets an idle relay hold no buffer: one is taken only once bytes (or the
+/// end of stream) are there to be read, and handed on with them.
+pub trait LocalStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready once a read would not wait (bytes, end of stream or an error are queued).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl LocalStream for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl LocalStream for Box<dyn LocalStream> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
 /// Relays bytes both ways between an HBONE stream and `io` until both directions ended.
 ///
 /// Half-close is carried through: EOF on `io` sends END_STREAM; END_STREAM from the peer shuts down
 /// `io`'s write half (TCP FIN) while the other direction keeps flowing. On an error in either direction
 /// the other one stops: the HBONE stream is reset (RST_STREAM CANCEL) and `io` is dropped. Byte counts
 /// are in `stats`, which is also the way to know them after an error.
-pub async fn copy_bidirectional<T>(
-    send: &mut SendStream<Bytes>,
-    recv: &mut RecvStream,
+pub fn copy_bidirectional<T: LocalStream>(
+    send: SendStream<Bytes>,
+    recv: RecvStream,
     io: T,
-    stats: &CopyStats,
-) -> Result<CopyOutcome, TunnelError>
-where
-    T: AsyncRead + AsyncWrite + Send,
-{
-    let (mut io_read, mut io_write) = tokio::io::split(io);
-    let result = tokio::try_join!(
-        local_to_tunnel(&mut io_read, send, stats),
-        tunnel_to_local(recv, &mut io_write, stats),
-    );
-    match result {
-        Ok(_) => Ok(CopyOutcome {
-            sent: stats.sent(),
-            received: stats.received(),
-        }),
-        Err(e) => {
-            // Tells the peer to drop its side too; a no-op when the peer already reset the stream.
-            send.send_reset(Reason::CANCEL);
-            Err(e)
-        }
-    }
+    stats: Arc<CopyStats>,
+) -> Relay<T> {
+    Relay::new(send, recv, io, stats, Bytes::new(), ())
 }
 
-/// Copies `io` into the tunnel, ending with END_STREAM at EOF.
-async fn local_to_tunnel<R>(
-    io: &mut R,
-    send: &mut SendStream<Bytes>,
-    stats: &CopyStats,
-) -> Result<(), TunnelError>
-where
-    R: AsyncRead + Unpin,
-{
-    let mut buf = BytesMut::new();
-    let mut want = FIRST_READ;
-    loop {
-        buf.reserve(want);
-        // While the app is silent, a reset of the stream must still end the relay: otherwise a
-        // half-closed stream (peer done sending) would wait on the app forever.
-        let n = tokio::select! {
-            read = io.read_buf(&mut buf) => read?,
-            reset = poll_fn(|cx| send.poll_reset(cx)) => {
-                return Err(match reset {
-                    Ok(reason) => TunnelError::Reset(reason),
-                    Err(e) => TunnelError::from_stream(e),
-                });
+/// The future of [`copy_bidirectional`], holding `guard` until it ends.
+///
+/// A plain state machine rather than two joined `async` blocks: it lives as long as the connection,
+/// so its size is paid per connection, and while the connection is idle it holds no buffer in either
+/// direction.
+pub struct Relay<T, G = ()> {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    io: T,
+    stats: Arc<CopyStats>,
+    up: Up,
+    down: Down,
+    _guard: G,
+}
+
+impl<T: LocalStream, G> Relay<T, G> {
+    /// A relay that first writes `received` (bytes taken from `recv` before it started) into `io`.
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        io: T,
+        stats: Arc<CopyStats>,
+        received: Bytes,
+        guard: G,
+    ) -> Self {
+        let down = if received.is_empty() {
+            Down::Receiving
+        } else {
+            Down::Writing {
+                len: received.len(),
+                data: received,
             }
         };
-        if n == 0 {
-            send.send_data(Bytes::new(), true)
-                .map_err(TunnelError::from_stream)?;
-            return Ok(());
+        Relay {
+            send,
+            recv,
+            io,
+            stats,
+            up: Up::Reading { want: FIRST_READ },
+            down,
+            _guard: guard,
         }
-        want = next_read_size(want, n);
-        let chunk = buf.split().freeze();
-        send_all(send, chunk, stats).await?;
     }
 }
 
-/// Sends `data` within the stream's flow-control capacity, so h2 never buffers more than was reserved.
-pub(crate) async fn send_all(
-    send: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    stats: &CopyStats,
-) -> Result<(), TunnelError> {
-    while !data.is_empty() {
-        let capacity = wait_capacity(send, data.len()).await?;
-        let piece = data.split_to(capacity.min(data.len()));
-        let len = piece.len();
-        send.send_data(piece, false)
-            .map_err(TunnelError::from_stream)?;
-        stats.add_sent(len);
-    }
-    Ok(())
+/// Local stream into the tunnel.
+enum Up {
+    /// Waiting for the local stream to have something; the next read takes `want` bytes at most.
+    Reading { want: usize },
+    /// Handing `data` to h2 within the stream's flow-control capacity, so h2 never buffers more than
+    /// was reserved; `reserved` once capacity for the rest of `data` was asked for.
+    Sending {
+        data: Bytes,
+        want: usize,
+        reserved: bool,
+    },
+    /// END_STREAM sent.
+    Done,
 }
 
-/// Reserves up to `wanted` bytes of send capacity and waits until some is assigned.
-async fn wait_capacity(send: &mut SendStream<Bytes>, wanted: usize) -> Result<usize, TunnelError> {
-    send.reserve_capacity(wanted);
-    loop {
-        let available = send.capacity();
-        if available > 0 {
-            return Ok(available);
+/// Tunnel into the local stream.
+enum Down {
+    Receiving,
+    /// Writing what is left of a DATA frame of `len` bytes.
+    Writing {
+        data: Bytes,
+        len: usize,
+    },
+    /// Written; flushing before the window opens again (buffering writers would hold the bytes).
+    Flushing {
+        len: usize,
+    },
+    /// END_STREAM received: the local stream's write half is being shut down.
+    Closing,
+    Done,
+}
+
+impl<T: LocalStream, G: Unpin> Future for Relay<T, G> {
+    type Output = Result<CopyOutcome, TunnelError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let up = this.poll_up(cx);
+        let down = match up {
+            Poll::Ready(Err(_)) => Poll::Pending,
+            _ => this.poll_down(cx),
+        };
+        match (up, down) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
+                // Tells the peer to drop its side too; a no-op when the peer already reset the
+                // stream.
+                this.send.send_reset(Reason::CANCEL);
+                this.up = Up::Done;
+                this.down = Down::Done;
+                Poll::Ready(Err(e))
+            }
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(CopyOutcome {
+                sent: this.stats.sent(),
+                received: this.stats.received(),
+            })),
+            _ => Poll::Pending,
         }
-        match poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(TunnelError::from_stream(e)),
-            // The send side is no longer open: the peer reset the stream, or the connection ended.
-            None => return Err(closed_reason(send).await),
+    }
+}
+
+impl<T: LocalStream, G> Relay<T, G> {
+    /// Copies the local stream into the tunnel, ending with END_STREAM at EOF.
+    fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TunnelError>> {
+        loop {
+            match &mut self.up {
+                Up::Reading { want } => {
+                    // While the app is silent, a reset of the stream must still end the relay:
+                    // otherwise a half-closed stream (peer done sending) would wait on the app
+                    // forever.
+                    if let Poll::Ready(reset) = self.send.poll_reset(cx) {
+                        return Poll::Ready(Err(match reset {
+                            Ok(reason) => TunnelError::Reset(reason),
+                            Err(e) => TunnelError::from_stream(e),
+                        }));
+                    }
+                    ready!(self.io.poll_read_ready(cx))?;
+                    let want = *want;
+                    let mut buf = BytesMut::with_capacity(want);
+                    let n = {
+                        let mut read = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..want]);
+                        // Pending here means the readiness was stale: the buffer goes back, and the
+                        // next readiness takes a new one.
+                        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+                        read.filled().len()
+                    };
+                    if n == 0 {
+                        self.send
+                            .send_data(Bytes::new(), true)
+                            .map_err(TunnelError::from_stream)?;
+                        self.up = Up::Done;
+                        continue;
+                    }
+                    // SAFETY: the read initialized the first `n` bytes of the spare capacity.
+                    unsafe { buf.set_len(n) };
+                    self.up = Up::Sending {
+                        data: buf.freeze(),
+                        want: next_read_size(want, n),
+                        reserved: false,
+                    };
+                }
+                Up::Sending {
+                    data,
+                    want,
+                    reserved,
+                } => {
+                    if data.is_empty() {
+                        self.up = Up::Reading { want: *want };
+                        continue;
+                    }
+                    if !*reserved {
+                        self.send.reserve_capacity(data.len());
+                        *reserved = true;
+                    }
+                    let capacity = self.send.capacity();
+                    if capacity == 0 {
+                        match ready!(self.send.poll_capacity(cx)) {
+                            Some(Ok(_)) => continue,
+                            Some(Err(e)) => return Poll::Ready(Err(TunnelError::from_stream(e))),
+                            // The send side is no longer open: the peer reset the stream, or the
+                            // connection ended.
+                            None => return Poll::Ready(Err(closed_reason(&mut self.send, cx))),
+                        }
+                    }
+                    let piece = data.split_to(capacity.min(data.len()));
+                    let len = piece.len();
+                    self.send
+                        .send_data(piece, false)
+                        .map_err(TunnelError::from_stream)?;
+                    self.stats.add_sent(len);
+                    *reserved = false;
+                }
+                Up::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    /// Copies the tunnel into the local stream, shutting down its write half at END_STREAM.
+    fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TunnelError>> {
+        loop {
+            match &mut self.down {
+                Down::Receiving => match ready!(self.recv.poll_data(cx)) {
+                    Some(Ok(data)) => {
+                        let len = data.len();
+                        self.down = Down::Writing { data, len };
+                    }
+                    Some(Err(e)) => return Poll::Ready(Err(TunnelError::from_stream(e))),
+                    None => self.down = Down::Closing,
+                },
+                Down::Writing { data, len } => {
+                    while !data.is_empty() {
+                        let n = ready!(Pin::new(&mut self.io).poll_write(cx, data))?;
+                        if n == 0 {
+                            return Poll::Ready(Err(
+                                io::Error::from(io::ErrorKind::WriteZero).into()
+                            ));
+                        }
+                        data.advance(n);
+                    }
+                    self.down = Down::Flushing { len: *len };
+                }
+                Down::Flushing { len } => {
+                    let len = *len;
+                    ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+                    // The window opens again only once the bytes left our hands, so a slow local
+                    // reader slows the peer instead of growing our buffers.
+                    self.recv
+                        .flow_control()
+                        .release_capacity(len)
+                        .map_err(TunnelError::from_stream)?;
+                    self.stats.add_received(len);
+                    self.down = Down::Receiving;
+                }
+                Down::Closing => {
+                    ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+                    self.down = Down::Done;
+                }
+                Down::Done => return Poll::Ready(Ok(())),
+            }
         }
     }
 }
 
 /// The reason a stream stopped accepting data, for the error report.
-async fn closed_reason(send: &mut SendStream<Bytes>) -> TunnelError {
-    let probe = poll_fn(|cx| match send.poll_reset(cx) {
-        std::task::Poll::Pending => std::task::Poll::Ready(None),
-        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
-    });
-    match probe.await {
-        Some(Ok(reason)) => TunnelError::Reset(reason),
-        Some(Err(e)) => TunnelError::from_stream(e),
-        None => TunnelError::Reset(Reason::STREAM_CLOSED),
+fn closed_reason(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> TunnelError {
+    match send.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => TunnelError::Reset(reason),
+        Poll::Ready(Err(e)) => TunnelError::from_stream(e),
+        Poll::Pending => TunnelError::Reset(Reason::STREAM_CLOSED),
     }
-}
-
-/// Copies the tunnel into `io`, shutting down `io`'s write half at END_STREAM.
-async fn tunnel_to_local<W>(
-    recv: &mut RecvStream,
-    io: &mut W,
-    stats: &CopyStats,
-) -> Result<(), TunnelError>
-where
-    W: AsyncWrite + Unpin,
-{
-    while let Some(data) = recv.data().await {
-        let data = data.map_err(TunnelError::from_stream)?;
-        io.write_all(&data).await?;
-        // Buffering writers (TLS) would otherwise hold the bytes until the next write.
-        io.flush().await?;
-        // The window opens again only once the bytes left our hands, so a slow local reader slows the
-        // peer instead of growing our buffers.
-        recv.flow_control()
-            .release_capacity(data.len())
-            .map_err(TunnelError::from_stream)?;
-        stats.add_received(data.len());
-    }
-    io.shutdown().await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -12,10 +12,10 @@ use bytes::{Buf, Bytes};
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use super::copy::{self, CHUNK, CopyOutcome, CopyStats};
+use super::copy::{CHUNK, CopyStats, LocalStream, Relay};
 use super::error::h2_to_io;
 use super::settings::keepalive;
 use super::wire::{FORWARDED, format_authority, format_forwarded};
@@ -263,7 +263,7 @@ fn connect_request(
 }
 
 /// One stream's share of a connection's capacity, held from reservation (pool) to the stream's end.
-pub(crate) struct StreamSlot {
+pub struct StreamSlot {
     shared: Arc<Shared>,
 }
 
@@ -309,28 +309,10 @@ impl HboneStream {
     }
 
     /// Relays between this stream and `io` until both directions ended (see
-    /// [`copy::copy_bidirectional`]); `stats` counts bytes as they flow.
-    pub async fn relay<T>(
-        mut self,
-        mut io: T,
-        stats: &CopyStats,
-    ) -> Result<CopyOutcome, TunnelError>
-    where
-        T: AsyncRead + AsyncWrite + Unpin + Send,
-    {
-        if !self.pending.is_empty() {
-            let pending = std::mem::take(&mut self.pending);
-            if let Err(e) = io.write_all(&pending).await {
-                self.send.send_reset(h2::Reason::CANCEL);
-                return Err(e.into());
-            }
-            self.recv
-                .flow_control()
-                .release_capacity(pending.len())
-                .map_err(TunnelError::from_stream)?;
-            stats.add_received(pending.len());
-        }
-        copy::copy_bidirectional(&mut self.send, &mut self.recv, io, stats).await
+    /// [`super::copy_bidirectional`]); `stats` counts bytes as they flow. The stream's slot on its
+    /// connection is held until the relay ends.
+    pub fn relay<T: LocalStream>(self, io: T, stats: Arc<CopyStats>) -> Relay<T, StreamSlot> {
+        Relay::new(self.send, self.recv, io, stats, self.pending, self._slot)
     }
 }
 

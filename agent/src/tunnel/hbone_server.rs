@@ -12,7 +12,7 @@ use h2::server::SendResponse;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use tokio::task::JoinSet;
 
-use super::copy::{CopyOutcome, CopyStats, copy_bidirectional};
+use super::copy::{CopyOutcome, CopyStats, LocalStream, Relay, copy_bidirectional};
 use super::settings::keepalive;
 use super::wire::{AuthorityError, FORWARDED, parse_authority, parse_forwarded};
 use super::{AsyncIo, H2Settings, Keepalive, TunnelError};
@@ -59,13 +59,13 @@ type OnComplete = Box<dyn FnOnce(&Result<CopyOutcome, TunnelError>) + Send + 'st
 
 /// The connection a handler opened for an accepted CONNECT, and how to report on the relay.
 pub struct Upstream {
-    io: Box<dyn AsyncIo>,
+    io: Box<dyn LocalStream>,
     stats: Arc<CopyStats>,
     on_complete: Option<OnComplete>,
 }
 
 impl Upstream {
-    pub fn new(io: impl AsyncIo) -> Self {
+    pub fn new(io: impl LocalStream) -> Self {
         Upstream {
             io: Box::new(io),
             stats: Arc::new(CopyStats::new()),
@@ -336,12 +336,47 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     }
 }
 
-async fn serve_stream<H: ConnectHandler>(
+/// One CONNECT stream, from its request to the end of its relay. The set-up (validation, the
+/// handler's connect) runs boxed and is freed before relaying starts: only the relay's own state stays
+/// allocated for the life of the connection.
+fn serve_stream<H: ConnectHandler>(
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    handler: Arc<H>,
+    expected_local_ip: Option<IpAddr>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let open = Box::pin(open_stream(request, respond, handler, expected_local_ip));
+    async move {
+        // `let else`, not `if let`: the scrutinee of an `if let` would stay in the task beside the
+        // binding for as long as the relay runs.
+        let Some(mut relay) = open.await else {
+            return;
+        };
+        let result = (&mut relay.relay).await;
+        relay.complete(result);
+    }
+}
+
+/// An accepted stream being relayed to its upstream.
+struct StreamRelay {
+    relay: Relay<Box<dyn LocalStream>>,
+    target: SocketAddr,
+    on_complete: Option<OnComplete>,
+}
+
+impl StreamRelay {
+    fn complete(self, result: Result<CopyOutcome, TunnelError>) {
+        report(self.target, self.on_complete, result);
+    }
+}
+
+/// Validates the request, asks the handler, answers; the relay to run when the answer is 200.
+async fn open_stream<H: ConnectHandler>(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     handler: Arc<H>,
     expected_local_ip: Option<IpAddr>,
-) {
+) -> Option<StreamRelay> {
     let connect = match validate_connect(
         request.method(),
         request.uri(),
@@ -352,7 +387,7 @@ async fn serve_stream<H: ConnectHandler>(
         Err(e) => {
             tracing::debug!(error = %e, "HBONE request rejected");
             respond_status(&mut respond, StatusCode::BAD_REQUEST);
-            return;
+            return None;
         }
     };
     let target = connect.target;
@@ -361,7 +396,7 @@ async fn serve_stream<H: ConnectHandler>(
         d = handler.connect(connect) => d,
         _ = poll_fn(|cx| respond.poll_reset(cx)) => {
             tracing::debug!(%target, "HBONE stream reset before the upstream was ready");
-            return;
+            return None;
         }
     };
     let upstream = match decision {
@@ -369,7 +404,7 @@ async fn serve_stream<H: ConnectHandler>(
         Err(reject) => {
             tracing::debug!(%target, %reject, "HBONE CONNECT refused");
             respond_status(&mut respond, reject.status());
-            return;
+            return None;
         }
     };
     let Upstream {
@@ -377,13 +412,25 @@ async fn serve_stream<H: ConnectHandler>(
         stats,
         on_complete,
     } = upstream;
-    let result = match respond.send_response(Response::new(()), false) {
-        Ok(mut send) => {
-            let mut recv = request.into_body();
-            copy_bidirectional(&mut send, &mut recv, io, &stats).await
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            report(target, on_complete, Err(TunnelError::from_stream(e)));
+            return None;
         }
-        Err(e) => Err(TunnelError::from_stream(e)),
     };
+    Some(StreamRelay {
+        relay: copy_bidirectional(send, request.into_body(), io, stats),
+        target,
+        on_complete,
+    })
+}
+
+fn report(
+    target: SocketAddr,
+    on_complete: Option<OnComplete>,
+    result: Result<CopyOutcome, TunnelError>,
+) {
     if let Err(e) = &result {
         tracing::debug!(%target, error = %e, "HBONE relay ended with an error");
     }

@@ -12,6 +12,8 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::copy::LocalStream;
+
 #[derive(Default)]
 pub struct KillSwitch {
     killed: AtomicBool,
@@ -82,6 +84,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Killable<T> {
     ) -> Poll<io::Result<()>> {
         self.switch.check(cx)?;
         Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: LocalStream> LocalStream for Killable<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.switch.check(cx)?;
+        self.inner.poll_read_ready(cx)
     }
 }
 

@@ -45,8 +45,8 @@
 //!     })
 //!     .await?;
 //! let stream = client.connect(dst, src).await?;
-//! let stats = CopyStats::new();
-//! let outcome = stream.relay(app, &stats).await?;
+//! let stats = std::sync::Arc::new(CopyStats::new());
+//! let outcome = stream.relay(app, stats.clone()).await?;
 //! tracing::info!(sent = outcome.sent, received = outcome.received, "closed");
 //! # Ok(())
 //! # }
@@ -67,7 +67,7 @@ mod settings;
 pub mod splice;
 pub mod wire;
 
-pub use copy::{CopyOutcome, CopyStats, copy_bidirectional};
+pub use copy::{CopyOutcome, CopyStats, LocalStream, copy_bidirectional};
 pub use error::TunnelError;
 pub use hbone_client::{ClientConfig, HboneClient, HboneStream};
 pub use hbone_server::{

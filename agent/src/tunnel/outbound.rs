@@ -4,20 +4,23 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 use super::{
-    PodCtx, TunnelError,
+    CopyOutcome, PodCtx, TunnelError,
     conn::{ConnRecord, Direction, Ends, Outcome},
     connect_in,
-    conns::PolicyInput,
+    conns::{PolicyInput, Registered},
+    copy::Relay,
     deliver,
+    hbone_client::StreamSlot,
     mesh::{Mesh, Route},
     reset,
     splice::splice,
 };
 use crate::config::OutboundUnknown;
 
-/// The connection's task lives as long as the connection, sized by its largest state: the set-up
-/// steps (TCP and TLS handshakes, the CONNECT exchange) are boxed, so only the relay's state stays
-/// allocated for an idle connection.
+/// The connection's task lives as long as the connection, sized by its largest state. Everything up to
+/// the relay of a tunnelled connection (routing, policy, TCP and TLS handshakes, the CONNECT exchange)
+/// runs boxed and is freed before relaying starts, so an idle tunnelled connection holds only its
+/// record and the relay's own state. Connections of the other routes are relayed inside the box.
 pub async fn handle(
     mesh: &Mesh,
     pod: &PodCtx,
@@ -25,12 +28,58 @@ pub async fn handle(
     peer: SocketAddr,
     orig_dst: Option<SocketAddr>,
 ) {
+    let open = Box::pin(open(mesh, pod, app, peer, orig_dst));
+    // `let else`, not `if let`: the scrutinee of an `if let` would stay in the task beside the
+    // binding for as long as the relay runs.
+    let Some(mut tunnelled) = open.await else {
+        return;
+    };
+    let result = (&mut tunnelled.relay).await;
+    tunnelled.finish(result);
+}
+
+/// A connection carried over HBONE, relaying.
+struct Tunnelled {
+    rec: ConnRecord,
+    reg: Registered,
+    relay: Relay<TcpStream, StreamSlot>,
+}
+
+impl Tunnelled {
+    fn finish(self, result: Result<CopyOutcome, TunnelError>) {
+        let Tunnelled { rec, reg, relay } = self;
+        // The app's socket closes before the connection is logged, as when the relay owned it.
+        drop(relay);
+        let stats = &reg.entry.stats;
+        rec.finish(match result {
+            Ok(o) => Outcome::Closed {
+                sent: o.sent,
+                received: o.received,
+            },
+            Err(e) => Outcome::Error {
+                sent: stats.sent(),
+                received: stats.received(),
+                error: e.to_string(),
+            },
+        });
+    }
+}
+
+/// Routes the connection and opens its way there: the relay to run for a tunnelled connection, or
+/// `None` once a connection of another route was refused or has been relayed to its end.
+async fn open(
+    mesh: &Mesh,
+    pod: &PodCtx,
+    app: TcpStream,
+    peer: SocketAddr,
+    orig_dst: Option<SocketAddr>,
+) -> Option<Tunnelled> {
     let Some(dst) = orig_dst else {
         // Fail closed: without its destination the connection cannot go anywhere correct.
         let rec = ConnRecord::new(Direction::Outbound, pod.name.clone(), peer, peer);
         reset(app);
         rec.finish(Outcome::Refused("original destination not found".into()));
-        return;
+        return None;
     };
     // The app's socket talks to the agent over loopback; the log shows the pod's address as the
     // network would see it, with the app's port.
@@ -74,7 +123,8 @@ pub async fn handle(
             rec.decision = Some(decision.to_string());
             if !decision.allowed() {
                 reset(app);
-                return rec.finish(Outcome::Refused(decision.to_string()));
+                rec.finish(Outcome::Refused(decision.to_string()));
+                return None;
             }
             let src_ip = pod.ip_like(dst.ip());
             match Box::pin(deliver(&mesh.capture, &dst_pod, src_ip, dst)).await {
@@ -117,19 +167,18 @@ pub async fn handle(
                 SocketAddr::new(pod.ip_like(dst.ip()).unwrap_or(peer.ip()), peer.port());
             let mut retried = false;
             let stream = loop {
-                // Boxed: opening a connection (TCP, TLS, HTTP/2 handshakes) is this future's largest
-                // state, and unboxed it would be part of every connection's task for the
-                // connection's whole life (about 6 KiB each), though most connections find a pooled
-                // one.
+                // Boxed: opening a connection (TCP, TLS, HTTP/2 handshakes) is by far the largest
+                // state of this set-up, and most connections find a pooled one.
                 let client =
                     match Box::pin(mesh.hbone_client(pod, dst.ip(), identity.clone())).await {
                         Ok(c) => c,
                         Err(e) => {
                             reset(app);
-                            return rec.finish(Outcome::Unreachable(e.to_string()));
+                            rec.finish(Outcome::Unreachable(e.to_string()));
+                            return None;
                         }
                     };
-                match Box::pin(client.connect(dst, forwarded)).await {
+                match client.connect(dst, forwarded).await {
                     Ok(s) => break Ok(s),
                     // The pooled connection was going away (its agent handed over or is stopping):
                     // the peer never processed the stream, so one more try on a fresh connection —
@@ -148,25 +197,16 @@ pub async fn handle(
                         }
                         other => Outcome::Unreachable(other.to_string()),
                     };
-                    return rec.finish(outcome);
+                    rec.finish(outcome);
+                    return None;
                 }
             };
             let _ = app.set_nodelay(true);
             rec.track(&mesh.metrics, &ends);
             let reg = mesh.conns.register(rec.live(None));
-            let stats = &reg.entry.stats;
-            let outcome = match stream.relay(app, stats).await {
-                Ok(o) => Outcome::Closed {
-                    sent: o.sent,
-                    received: o.received,
-                },
-                Err(e) => Outcome::Error {
-                    sent: stats.sent(),
-                    received: stats.received(),
-                    error: e.to_string(),
-                },
-            };
-            rec.finish(outcome);
+            let relay = stream.relay(app, reg.entry.stats.clone());
+            return Some(Tunnelled { rec, reg, relay });
         }
     }
+    None
 }

@@ -20,6 +20,9 @@ struct SameNode {
     agent: Agent,
 }
 
+/// The fast path is off by default (see `CaptureConfig::fast_path`); these tests switch it on.
+const FAST_PATH_ON: &str = "capture: {fast_path: true}\n";
+
 /// A capture event counter of the node's agent.
 fn events(node: &Node, event: &str) -> Result<u64> {
     Ok(node.metric("ferry_capture_events_total", &[("event", event)])? as u64)
@@ -83,7 +86,7 @@ fn bulk(mut cmd: Command, to: SocketAddr, bytes: usize, expect: Option<usize>) -
 /// (the verdict's counter moved, nothing fell back); the access log and the metrics count every byte.
 #[test]
 fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()> {
-    let t = same_node("")?;
+    let t = same_node(FAST_PATH_ON)?;
     let _echo = t
         .world
         .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
@@ -236,7 +239,7 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
 /// policy reload that denies it closes it.
 #[test]
 fn a_policy_change_closes_a_fast_path_connection_and_conns_counts_its_bytes() -> Result<()> {
-    let t = same_node("")?;
+    let t = same_node(FAST_PATH_ON)?;
     let _echo = t
         .world
         .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
@@ -278,7 +281,7 @@ fn a_policy_change_closes_a_fast_path_connection_and_conns_counts_its_bytes() ->
 /// closes leaves it), so the other's verdict finds no peer to redirect to.
 #[test]
 fn bytes_the_kernel_cannot_redirect_fall_back_to_userspace_in_order() -> Result<()> {
-    let t = same_node("")?;
+    let t = same_node(FAST_PATH_ON)?;
     let _echo = t
         .world
         .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
@@ -351,7 +354,7 @@ fn bytes_the_kernel_cannot_redirect_fall_back_to_userspace_in_order() -> Result<
 /// intact, counted, and the verdict never runs.
 #[test]
 fn with_the_fast_path_off_same_node_traffic_is_relayed_in_userspace() -> Result<()> {
-    let t = same_node("capture: {fast_path: false}\n")?;
+    let t = same_node("")?;
     t.agent.wait_for(
         |l| l.msg().starts_with("same-node fast path off"),
         Duration::from_secs(5),

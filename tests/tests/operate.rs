@@ -45,8 +45,10 @@ fn cli_metrics_and_readiness_against_a_running_agent() -> Result<()> {
     assert!(
         status["programs"]
             .as_array()
-            .is_some_and(|a| a.iter().any(|p| p == "ferry_splice_verdict")),
-        "the fast path's verdict is attached: {status}"
+            .is_some_and(|a| a.iter().any(|p| p.as_str().is_some_and(
+                |p| p.starts_with("ferry_splice_verdict (off: disabled in the node config")
+            ))),
+        "the fast path is off by default and status says why: {status}"
     );
     assert!(
         status["soonest_cert_expiry"].as_u64().unwrap_or(0) > 0,

@@ -287,6 +287,7 @@ fn upgrade_keeps_same_node_fast_path_connections_joined() -> Result<()> {
     let n1 = world.add_node("n1", 1, false)?;
     let opts = NodeOptions {
         drain_deadline: Some("60s"),
+        extra: "capture: {fast_path: true}\n".into(),
         ..Default::default()
     };
     world.write_config(&n1, &opts)?;

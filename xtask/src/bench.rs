@@ -593,12 +593,12 @@ fn setup(bin: PathBuf, fast_path: bool) -> Result<Bench> {
     let mut world = World::new()?;
     let n1 = world.add_node("n1", 1, true)?;
     let n2 = world.add_node("n2", 2, true)?;
-    if !fast_path {
+    if fast_path {
         for n in [&n1, &n2] {
             world.write_config(
                 n,
                 &NodeOptions {
-                    extra: "capture: {fast_path: false}\n".into(),
+                    extra: "capture: {fast_path: true}\n".into(),
                     ..NodeOptions::default()
                 },
             )?;

@@ -237,6 +237,7 @@ impl Capture {
             }
         }
 
+        let asked = verdict_loaded.is_some();
         let (splice, splice_off) = match verdict_loaded {
             None => (
                 None,
@@ -248,8 +249,16 @@ impl Capture {
                 Err(e) => (None, Some(e.to_string())),
             },
         };
-        if let Some(why) = &splice_off {
-            tracing::warn!(reason = %why, "same-node fast path off: same-node connections are relayed in userspace");
+        match (&splice_off, asked) {
+            // Asked for and not available: the operator should know.
+            (Some(why), true) => {
+                tracing::warn!(reason = %why, "same-node fast path off: same-node connections are relayed in userspace")
+            }
+            // The default.
+            (Some(why), false) => {
+                tracing::info!(reason = %why, "same-node fast path off: same-node connections are relayed in userspace")
+            }
+            (None, _) => {}
         }
 
         Ok(Self {

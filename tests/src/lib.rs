@@ -816,6 +816,10 @@ impl Drop for World {
     }
 }
 
+/// A policy (`shop/deny-frontend`) that denies every source in namespace `shop`: the tests' way to
+/// turn allowed connections into denied ones with a reload.
+pub const DENY_SHOP: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n";
+
 /// The most common world: node n1 with a client pod (shop/frontend, 198.18.1.10) and node n2 with a
 /// server pod (shop/cart, 198.18.2.20), both in both nodes' workloads, both agents running with
 /// their pod enrolled.

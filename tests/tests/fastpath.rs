@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use ferry_e2e::{
-    Agent, Node, NodeOptions, PinnedU64Map, Pod, World, dial, eventually, run_with_timeout, testapp,
+    Agent, DENY_SHOP, Node, NodeOptions, PinnedU64Map, Pod, Proc, World, dial, eventually,
+    run_with_timeout, testapp,
 };
 
 struct SameNode {
@@ -235,22 +236,28 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
     Ok(())
 }
 
+/// An echo app on the server pod and a client holding a connection to it for `seconds`, once the
+/// kernel carries it: the hold exchanges one byte each way every 50 ms, and the pair is joined at the
+/// first exchange after 5 ms, so from then on only the kernel sees its bytes.
+fn joined_hold(t: &SameNode, seconds: u32) -> Result<(SocketAddr, Proc, Proc)> {
+    let echo = t
+        .world
+        .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
+    let h = t.world.hold(t.client.command(testapp()), to, seconds)?;
+    let joined = eventually(Duration::from_secs(5), || {
+        events(&t.n1, "splice_redirected").unwrap_or(0) > 0
+    });
+    assert!(joined, "the kernel carries the hold's bytes");
+    Ok((to, h, echo))
+}
+
 /// While a fast-path connection is open `ferry conns` shows the bytes the kernel carried, and a
 /// policy reload that denies it closes it.
 #[test]
 fn a_policy_change_closes_a_fast_path_connection_and_conns_counts_its_bytes() -> Result<()> {
     let t = same_node(FAST_PATH_ON)?;
-    let _echo = t
-        .world
-        .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
-    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
-    let h = t.world.hold(t.client.command(testapp()), to, 30)?;
-    // The hold exchanges one byte each way every 50 ms; the pair is joined at the first exchange
-    // after 5 ms, so from then on only the kernel sees its bytes.
-    let joined = eventually(Duration::from_secs(5), || {
-        events(&t.n1, "splice_redirected").unwrap_or(0) > 0
-    });
-    assert!(joined, "the kernel carries the hold's bytes");
+    let (to, h, _echo) = joined_hold(&t, 30)?;
     std::thread::sleep(Duration::from_secs(1));
     let conns = t.n1.cli(&["conns"])?;
     let row = conns
@@ -262,10 +269,7 @@ fn a_policy_change_closes_a_fast_path_connection_and_conns_counts_its_bytes() ->
         "ferry conns counts the bytes the kernel carried: {row}"
     );
 
-    t.n1.write_policy(
-        "deny.yaml",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n",
-    )?;
+    t.n1.write_policy("deny.yaml", DENY_SHOP)?;
     t.agent.wait_for(
         |l| l.msg() == "live connection closed: the new policies deny it",
         Duration::from_secs(5),
@@ -282,15 +286,7 @@ fn a_policy_change_closes_a_fast_path_connection_and_conns_counts_its_bytes() ->
 #[test]
 fn bytes_the_kernel_cannot_redirect_fall_back_to_userspace_in_order() -> Result<()> {
     let t = same_node(FAST_PATH_ON)?;
-    let _echo = t
-        .world
-        .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
-    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
-    let h = t.world.hold(t.client.command(testapp()), to, 3)?;
-    let joined = eventually(Duration::from_secs(5), || {
-        events(&t.n1, "splice_redirected").unwrap_or(0) > 0
-    });
-    assert!(joined, "the kernel carries the hold's bytes");
+    let (to, h, _echo) = joined_hold(&t, 3)?;
 
     let maps = t.n1.bpffs_root.join("maps");
     let peers = PinnedU64Map::open(&maps.join("FERRY_SPLICE_PEERS"))?.keys()?;

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::Result;
-use ferry_e2e::{Agent, Node, Pod, Proc, ShopAndLab, World, dial, testapp};
+use ferry_e2e::{Agent, DENY_SHOP, Node, Pod, Proc, ShopAndLab, World, dial, testapp};
 
 struct Mesh {
     world: World,
@@ -156,10 +156,7 @@ fn a_reload_that_denies_closes_live_connections_and_a_bad_reload_keeps_the_old_s
 
     // A good reload that denies the client: the live connection is closed, new ones refused.
     std::fs::remove_file(m.n2.policies_dir().join("broken.yaml"))?;
-    m.n2.write_policy(
-        "deny.yaml",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n",
-    )?;
+    m.n2.write_policy("deny.yaml", DENY_SHOP)?;
     m.a2.wait_for(
         |l| l.msg() == "live connection closed: the new policies deny it",
         Duration::from_secs(5),

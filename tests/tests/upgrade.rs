@@ -10,8 +10,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use ferry_e2e::{
-    Agent, LogLine, Node, NodeOptions, Pod, Proc, Sniffer, TwoNodes, World, contains, dial,
-    ebpf_variant_object, load_bin, testapp,
+    Agent, DENY_SHOP, LogLine, Node, NodeOptions, Pod, Proc, Sniffer, TwoNodes, World, contains,
+    dial, ebpf_variant_object, load_bin, testapp,
 };
 
 const APP_PORT: u16 = 8080;
@@ -349,10 +349,7 @@ fn a_draining_agent_closes_the_connections_a_policy_reload_denies() -> Result<()
         hold.output()
     );
 
-    t.n2.write_policy(
-        "deny.yaml",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n",
-    )?;
+    t.n2.write_policy("deny.yaml", DENY_SHOP)?;
     t.a2.wait_for(
         |l| l.msg() == "live connection closed: the new policies deny it",
         Duration::from_secs(5),

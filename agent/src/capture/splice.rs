@@ -184,22 +184,7 @@ fn ignore_missing(r: Result<(), MapError>) {
 
 /// The kernel's cookie of a socket (`SO_COOKIE`), which `bpf_get_socket_cookie` returns for it.
 fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the buffer and its length describe a valid u64.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    crate::netns::socket_option_u64(sock, SO_COOKIE)
 }
 
 /// Bytes a TCP socket has been given to send over its lifetime: acknowledged plus still queued. Read

@@ -138,22 +138,27 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 /// The kernel's cookie of the netns a socket lives in: the same value eBPF's `bpf_get_netns_cookie`
 /// returns for sockets of that netns.
 pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    socket_option_u64(sock, SO_NETNS_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a `u64` (the kernel's cookies).
+pub fn socket_option_u64(sock: &impl AsRawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: the buffer and its length describe a valid u64.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -143,6 +143,19 @@ impl Joined {
         Ok(written(fd)?.saturating_sub(base) >= into + user)
     }
 
+    /// Bytes `to` was given to send since the join beyond the `user` bytes the agent wrote to it and
+    /// those the kernel redirected into it: zero unless the kernel sent something twice (positive)
+    /// or lost it (negative). Meaningful once both directions have seen their end of stream.
+    pub fn surplus(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<i64> {
+        let (ab, ba) = self.redirected();
+        let (into, base) = match to {
+            Side::A => (ba, self.written_at_join[0]),
+            Side::B => (ab, self.written_at_join[1]),
+        };
+        let given = written(fd)?.saturating_sub(base);
+        Ok(given as i64 - (into + user) as i64)
+    }
+
     fn fall_back(&mut self) {
         self.in_kernel = false;
         if let Ok(mut peers) = self.splice.peers.lock() {

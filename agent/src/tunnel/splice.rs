@@ -74,6 +74,9 @@ pub async fn splice(
             "closed by a policy change",
         )),
     };
+    if result.is_ok() {
+        pair.check_accounting();
+    }
     stats.settle_kernel();
     match result {
         Ok(()) => Outcome::Closed {
@@ -151,6 +154,42 @@ impl Pair<'_> {
             }
         };
         let _ = self.joined.set(joined);
+    }
+
+    /// Once both directions ended cleanly: every byte each socket was given since the join came from
+    /// the kernel's verdict or from the agent, once. A mismatch is the kernel's, reported loudly: the
+    /// app at that end saw bytes twice or not at all.
+    fn check_accounting(&self) {
+        let Some(Some(JoinedAt {
+            joined,
+            user: at_join,
+        })) = self.joined.get()
+        else {
+            return;
+        };
+        if !joined.in_kernel {
+            return;
+        }
+        let (sent, received) = self.stats.in_user();
+        for (to, user) in [(Side::B, sent - at_join.0), (Side::A, received - at_join.1)] {
+            // SAFETY: the descriptor belongs to a stream that outlives the relay.
+            let sock = unsafe { BorrowedFd::borrow_raw(self.fds[Self::index(to)]) };
+            match joined.surplus(to, &sock, user) {
+                Ok(0) => {}
+                Ok(surplus) => {
+                    let (ab, ba) = joined.redirected();
+                    tracing::error!(
+                        side = ?to,
+                        surplus,
+                        user_since_join = user,
+                        redirected_ab = ab,
+                        redirected_ba = ba,
+                        "same-node fast path: a socket was given bytes the relay did not account for"
+                    );
+                }
+                Err(e) => tracing::debug!(error = %e, "checking the fast path's byte accounting"),
+            }
+        }
     }
 
     /// Before carrying an end of stream into `to`: waits until the kernel has handed `to` every byte

@@ -211,6 +211,31 @@ async fn status_mapping_and_request_fields() {
     assert_eq!(round_trip(again, b"x".to_vec()).await, b"x");
 }
 
+/// Bytes sent behind the CONNECT request reach the target ahead of the stream's own, once; on a
+/// refused stream they go nowhere and the connection carries on.
+#[tokio::test]
+async fn early_data_arrives_first_and_a_refusal_drops_it() {
+    let denied: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let mut harness = Harness::start_with(HarnessOptions {
+        denied: HashSet::from([denied]),
+        ..HarnessOptions::default()
+    })
+    .await;
+    let (echo, _) = echo_upstream().await;
+    let client = harness.client().await;
+    let e = client
+        .connect_with_early_data(denied, client_addr(), Bytes::from_static(b"refused "))
+        .await
+        .expect_err("denied");
+    assert!(matches!(e, TunnelError::Denied), "{e:?}");
+    let stream = client
+        .connect_with_early_data(echo, client_addr(), Bytes::from_static(b"early "))
+        .await
+        .expect("200 with early data");
+    let back = round_trip(stream, b"and the rest".to_vec()).await;
+    assert_eq!(String::from_utf8_lossy(&back), "early and the rest");
+}
+
 /// Sends a raw request with h2 directly (shapes our client never produces) and returns the status.
 async fn raw_status(addr: SocketAddr, request: Request<()>) -> Result<StatusCode, h2::Error> {
     let tcp = TcpStream::connect(addr).await.expect("connect");

@@ -130,14 +130,31 @@ impl HboneClient {
         target: SocketAddr,
         forwarded_for: SocketAddr,
     ) -> Result<HboneStream, TunnelError> {
-        self.connect_in_slot(target, forwarded_for, self.reserve_slot())
+        self.connect_in_slot(target, forwarded_for, Bytes::new(), self.reserve_slot())
             .await
     }
 
+    /// Like [`HboneClient::connect`], with the connection's first bytes right behind the request
+    /// (see [`HboneClient::connect_in_slot`]).
+    pub async fn connect_with_early_data(
+        &self,
+        target: SocketAddr,
+        forwarded_for: SocketAddr,
+        early: Bytes,
+    ) -> Result<HboneStream, TunnelError> {
+        self.connect_in_slot(target, forwarded_for, early, self.reserve_slot())
+            .await
+    }
+
+    /// Like [`HboneClient::connect`], sending `early` — the first bytes of the proxied connection —
+    /// right behind the request, in the same write, instead of a round trip later. The peer delivers
+    /// them once it accepted the stream and discards them with the stream otherwise, so the caller
+    /// must not count them as sent before this returns a stream.
     pub(crate) async fn connect_in_slot(
         &self,
         target: SocketAddr,
         forwarded_for: SocketAddr,
+        early: Bytes,
         slot: StreamSlot,
     ) -> Result<HboneStream, TunnelError> {
         if !self.is_ready() {
@@ -148,10 +165,17 @@ impl HboneClient {
             return Err(self.unusable(e));
         }
         let request = connect_request(target, forwarded_for)?;
-        let (response, send_stream) = match send.send_request(request, false) {
+        let (response, mut send_stream) = match send.send_request(request, false) {
             Ok(pair) => pair,
             Err(e) => return Err(self.unusable(e)),
         };
+        if !early.is_empty() {
+            // Queued before the connection task runs, so HEADERS and DATA leave in one flush; h2
+            // holds them until the stream's window allows, which the caller keeps small.
+            send_stream
+                .send_data(early, false)
+                .map_err(TunnelError::from_stream)?;
+        }
         let response = response.await.map_err(|e| {
             if e.is_go_away() {
                 self.shared.going_away.store(true, Ordering::Release);

@@ -1,7 +1,8 @@
 //! Outbound: a pod's captured connect, accepted on the agent's listener inside the pod's netns.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, os::fd::AsRawFd};
 
-use tokio::net::TcpStream;
+use bytes::Bytes;
+use tokio::{io::AsyncReadExt, net::TcpStream};
 
 use super::{
     CopyOutcome, PodCtx, TunnelError,
@@ -70,7 +71,7 @@ impl Tunnelled {
 async fn open(
     mesh: &Mesh,
     pod: &PodCtx,
-    app: TcpStream,
+    mut app: TcpStream,
     peer: SocketAddr,
     orig_dst: Option<SocketAddr>,
 ) -> Option<Tunnelled> {
@@ -178,8 +179,14 @@ async fn open(
                             return None;
                         }
                     };
-                match client.connect(dst, forwarded).await {
-                    Ok(s) => break Ok(s),
+                // Peeked, not read: the bytes leave the app's socket only once the peer took the
+                // stream, so a refused stream that is tried again loses none of them.
+                let early = peek_early(&app);
+                match client
+                    .connect_with_early_data(dst, forwarded, early.clone())
+                    .await
+                {
+                    Ok(s) => break Ok((s, early.len())),
                     // The pooled connection was going away (its agent handed over or is stopping):
                     // the peer never processed the stream, so one more try on a fresh connection —
                     // which reaches the peer's successor — is safe.
@@ -187,7 +194,7 @@ async fn open(
                     Err(e) => break Err(e),
                 }
             };
-            let stream = match stream {
+            let (stream, early) = match stream {
                 Ok(s) => s,
                 Err(e) => {
                     reset(app);
@@ -202,11 +209,54 @@ async fn open(
                 }
             };
             let _ = app.set_nodelay(true);
+            if let Err(e) = discard(&mut app, early).await {
+                // The peer has the bytes but the app's socket broke: nothing left to relay.
+                reset(app);
+                rec.finish(Outcome::Error {
+                    sent: 0,
+                    received: 0,
+                    error: format!("taking the first bytes off the app's socket: {e}"),
+                });
+                return None;
+            }
             rec.track(&mesh.metrics, &ends);
             let reg = mesh.conns.register(rec.live(None));
+            reg.entry.stats.add_sent(early);
             let relay = stream.relay(app, reg.entry.stats.clone());
             return Some(Tunnelled { rec, reg, relay });
         }
     }
     None
+}
+
+/// At most this much of what the app sent before the stream opened rides with the CONNECT request:
+/// a request or a TLS ClientHello fits, and it stays far below any peer's initial stream window.
+const EARLY_DATA: usize = 16 * 1024;
+
+/// What the app has sent so far (up to [`EARLY_DATA`]), left in its socket. Empty when it has sent
+/// nothing yet (a server-first protocol) or the socket cannot be read.
+fn peek_early(app: &TcpStream) -> Bytes {
+    let mut buf = [0u8; EARLY_DATA];
+    // SAFETY: the buffer is valid for its length; MSG_PEEK leaves the bytes queued.
+    let n = unsafe {
+        libc::recv(
+            app.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match usize::try_from(n) {
+        Ok(n) if n > 0 => Bytes::copy_from_slice(&buf[..n]),
+        _ => Bytes::new(),
+    }
+}
+
+/// Takes the `n` bytes sent as early data off the app's socket, where [`peek_early`] left them.
+async fn discard(app: &mut TcpStream, n: usize) -> std::io::Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let mut scratch = vec![0u8; n];
+    app.read_exact(&mut scratch).await.map(drop)
 }

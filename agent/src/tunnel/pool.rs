@@ -9,6 +9,7 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::hbone_client::StreamSlot;
@@ -107,8 +108,20 @@ impl PooledClient {
         target: SocketAddr,
         forwarded_for: SocketAddr,
     ) -> Result<HboneStream, TunnelError> {
+        self.connect_with_early_data(target, forwarded_for, Bytes::new())
+            .await
+    }
+
+    /// Opens the stream with the connection's first bytes right behind the request; see
+    /// [`HboneClient::connect_in_slot`].
+    pub async fn connect_with_early_data(
+        self,
+        target: SocketAddr,
+        forwarded_for: SocketAddr,
+        early: Bytes,
+    ) -> Result<HboneStream, TunnelError> {
         self.client
-            .connect_in_slot(target, forwarded_for, self.slot)
+            .connect_in_slot(target, forwarded_for, early, self.slot)
             .await
     }
 

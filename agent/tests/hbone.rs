@@ -216,7 +216,7 @@ async fn status_mapping_and_request_fields() {
 #[tokio::test]
 async fn early_data_arrives_first_and_a_refusal_drops_it() {
     let denied: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-    let mut harness = Harness::start_with(HarnessOptions {
+    let harness = Harness::start_with(HarnessOptions {
         denied: HashSet::from([denied]),
         ..HarnessOptions::default()
     })

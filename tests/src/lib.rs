@@ -720,7 +720,11 @@ impl World {
         cmd.args(["--log-format", "json", "run", "--config"])
             .arg(config)
             .args(args)
-            .env("FERRY_LOG", "info")
+            // FERRY_TEST_AGENT_LOG (a FERRY_LOG filter) looks deeper into the agents of a test run.
+            .env(
+                "FERRY_LOG",
+                std::env::var("FERRY_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

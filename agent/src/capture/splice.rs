@@ -62,12 +62,14 @@ impl Splice {
     }
 
     /// Joins two established TCP sockets: what `a` receives leaves through `b`, and the other way round.
+    /// `quiet` names the socket less likely to receive bytes right now; it goes into the map first.
     ///
     /// Fails without changing anything when the pair cannot be joined (the caller relays in userspace).
     pub fn join(
         self: &Arc<Self>,
         a: &impl AsRawFd,
         b: &impl AsRawFd,
+        quiet: Side,
     ) -> Result<Joined, CaptureError> {
         let cookies = [socket_cookie(a), socket_cookie(b)];
         let [Ok(ca), Ok(cb)] = cookies else {
@@ -104,14 +106,22 @@ impl Splice {
             .sockets
             .lock()
             .map_err(|_| super::bpf::poisoned("FERRY_SPLICE"))?;
+        // Between the two inserts, bytes arriving on the socket already in the map cannot be
+        // redirected (its peer is not there yet) and send that socket to userspace for good. The
+        // socket that just had bytes written to it is the one whose app answers next, so it goes in
+        // last: its answer then finds its peer in the map.
+        let (first, second) = match quiet {
+            Side::A => ((ca, a.as_raw_fd()), (cb, b.as_raw_fd())),
+            Side::B => ((cb, b.as_raw_fd()), (ca, a.as_raw_fd())),
+        };
         // Nothing was in the sockhash yet: a failure here leaves both sockets as they were, and the
         // guard's drop removes the peer entries.
         sockets
-            .insert(cb, b.as_raw_fd(), 0)
+            .insert(first.0, first.1, 0)
             .map_err(CaptureError::bpf("joining in FERRY_SPLICE"))?;
-        if let Err(e) = sockets.insert(ca, a.as_raw_fd(), 0) {
-            // `b` is in the map and may already have handed bytes to userspace: taking it out again
-            // would drop them. Both sides fall back to userspace instead.
+        if let Err(e) = sockets.insert(second.0, second.1, 0) {
+            // The first socket is in the map and may already have handed bytes to userspace: taking
+            // it out again would drop them. Both sides fall back to userspace instead.
             drop(sockets);
             joined.fall_back();
             tracing::warn!(error = %CaptureError::bpf("joining in FERRY_SPLICE")(e), "same-node fast path not used for this connection");

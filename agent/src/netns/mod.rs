@@ -15,6 +15,15 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
+
+thread_local! {
+    /// The calling thread's own netns, opened the first time it enters another one. A thread is
+    /// only ever outside it inside [`Netns::run`], which always brings it back, so the handle stays
+    /// right for the thread's life; keeping it saves an open and a close per delivery socket.
+    static HOME: std::cell::OnceCell<File> = const { std::cell::OnceCell::new() };
+}
+
 /// An open handle on a network namespace.
 #[derive(Clone, Debug)]
 pub struct Netns {
@@ -75,12 +84,24 @@ impl Netns {
 
     /// Runs `f` with the calling thread inside this netns, then returns the thread to its own netns.
     pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> Result<T, RunError> {
-        let home = File::open("/proc/thread-self/ns/net").map_err(|source| {
-            RunError::Enter(NetnsError::Open {
-                path: "/proc/thread-self/ns/net".into(),
-                source,
-            })
-        })?;
+        HOME.with(|cell| {
+            let home = match cell.get() {
+                Some(home) => home,
+                None => {
+                    let home = File::open(THREAD_NETNS).map_err(|source| {
+                        RunError::Enter(NetnsError::Open {
+                            path: THREAD_NETNS.into(),
+                            source,
+                        })
+                    })?;
+                    cell.get_or_init(|| home)
+                }
+            };
+            self.run_from(home, f)
+        })
+    }
+
+    fn run_from<T>(&self, home: &File, f: impl FnOnce() -> io::Result<T>) -> Result<T, RunError> {
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
             RunError::Enter(NetnsError::Enter {
                 path: self.path.clone(),
@@ -105,13 +126,11 @@ impl Netns {
             socket2::Domain::IPV4
         };
         self.run(|| {
-            let s = socket2::Socket::new(
+            socket2::Socket::new(
                 domain,
-                socket2::Type::STREAM.cloexec(),
+                socket2::Type::STREAM.nonblocking().cloexec(),
                 Some(socket2::Protocol::TCP),
-            )?;
-            s.set_nonblocking(true)?;
-            Ok(s)
+            )
         })
     }
 }

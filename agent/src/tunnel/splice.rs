@@ -139,7 +139,8 @@ impl Pair<'_> {
         for s in [&sa, &sb] {
             let _ = socket2::SockRef::from(s).set_send_buffer_size(JOINED_SNDBUF);
         }
-        let joined = match splice.join(&sa, &sb) {
+        // `from` just wrote to the other socket, whose app is the one to answer next.
+        let joined = match splice.join(&sa, &sb, from) {
             Ok(j) => {
                 let j = Arc::new(j);
                 self.stats.add_kernel(j.clone());

@@ -148,10 +148,13 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
         redirected > 100,
         "the kernel redirected only {redirected} buffers"
     );
-    assert_eq!(
-        events(&t.n1, "splice_passed")?,
-        0,
-        "no connection fell back to userspace"
+    // A join races the apps for the moment between its two sockets entering the map: an app that
+    // sends just then sends its socket to userspace for good (in order, and counted). Ordering the
+    // inserts makes that rare, a machine under load can still hit it once; more means joins fail.
+    let passed = events(&t.n1, "splice_passed")?;
+    assert!(
+        passed <= 1,
+        "{passed} of the 9 connections fell back to userspace"
     );
 
     // One access line per connection, each counting what its app sent and got back; the echo

@@ -107,9 +107,9 @@ impl Splice {
             .lock()
             .map_err(|_| super::bpf::poisoned("FERRY_SPLICE"))?;
         // Between the two inserts, bytes arriving on the socket already in the map cannot be
-        // redirected (its peer is not there yet) and send that socket to userspace for good. The
-        // socket that just had bytes written to it is the one whose app answers next, so it goes in
-        // last: its answer then finds its peer in the map.
+        // redirected (its peer is not there yet) and send that socket to userspace for good, while
+        // bytes arriving on the other one wait in its queue for the verdict. So the quiet socket goes
+        // in first.
         let (first, second) = match quiet {
             Side::A => ((ca, a.as_raw_fd()), (cb, b.as_raw_fd())),
             Side::B => ((cb, b.as_raw_fd()), (ca, a.as_raw_fd())),

@@ -139,8 +139,7 @@ impl Pair<'_> {
         for s in [&sa, &sb] {
             let _ = socket2::SockRef::from(s).set_send_buffer_size(JOINED_SNDBUF);
         }
-        // `from` just wrote to the other socket, whose app is the one to answer next.
-        let joined = match splice.join(&sa, &sb, from) {
+        let joined = match splice.join(&sa, &sb, self.quiet_side(from)) {
             Ok(j) => {
                 let j = Arc::new(j);
                 self.stats.add_kernel(j.clone());
@@ -190,6 +189,23 @@ impl Pair<'_> {
                 }
                 Err(e) => tracing::debug!(error = %e, "checking the fast path's byte accounting"),
             }
+        }
+    }
+
+    /// Which socket is less likely to receive bytes in the next moments, judged from the connection so
+    /// far, right after `from`'s direction carried some: in an exchange (bytes went both ways) the
+    /// other app answers next, so `from`'s socket is quiet; in a one-way stream `from`'s app goes on
+    /// sending, so the other socket is.
+    fn quiet_side(&self, from: Side) -> Side {
+        let (sent, received) = self.stats.in_user();
+        let other_carried = match from {
+            Side::A => received > 0,
+            Side::B => sent > 0,
+        };
+        match (other_carried, from) {
+            (true, side) => side,
+            (false, Side::A) => Side::B,
+            (false, Side::B) => Side::A,
         }
     }
 

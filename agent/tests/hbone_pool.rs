@@ -245,6 +245,49 @@ async fn idle_connections_are_released() {
     assert_eq!(pool.stats(), ferry::tunnel::PoolStats::default());
 }
 
+/// After a burst that needed several connections of one key, one idle connection stays for the
+/// key's next stream and the spare ones are released sooner.
+#[tokio::test]
+async fn spare_idle_connections_go_first_one_stays() {
+    let harness = Harness::start().await;
+    let (echo, _) = echo_upstream().await;
+    let pool = Pool::new(PoolConfig {
+        max_streams_per_connection: 1,
+        idle_timeout: Duration::from_secs(60),
+        spare_idle_timeout: Duration::from_millis(100),
+    });
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut streams = Vec::new();
+    for seed in 0..3 {
+        let c = get(&pool, "k", 1, harness.addr, &count).await;
+        let mut s = c.connect(echo, client_addr()).await.expect("CONNECT");
+        echo_check(&mut s, seed).await;
+        streams.push(s);
+    }
+    assert_eq!(pool.stats().connections, 3, "one connection per stream");
+    drop(streams);
+    within("spares released", async {
+        while pool.stats().connections > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pool.stats().connections,
+        1,
+        "the first idle connection stays"
+    );
+    let c = get(&pool, "k", 1, harness.addr, &count).await;
+    let mut s = c.connect(echo, client_addr()).await.expect("CONNECT");
+    echo_check(&mut s, 9).await;
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        3,
+        "the kept connection was reused"
+    );
+}
+
 #[tokio::test]
 async fn two_hundred_concurrent_streams_intact() {
     let harness = Harness::start().await;

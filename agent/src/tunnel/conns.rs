@@ -53,7 +53,14 @@ pub struct ConnTable {
     live: Mutex<HashMap<u64, Arc<ConnEntry>>>,
     /// Most connections live at once since memory was last given back.
     peak: AtomicUsize,
+    /// When to give memory back once more after a shrink (see [`TRIM_FOLLOW_UP`]).
+    follow_up: Mutex<Option<Instant>>,
 }
+
+/// After the connections of a burst closed, the HBONE connections that carried them go a little later:
+/// the pool releases spare idle ones after its `spare_idle_timeout` (5 s, checked every 1.25 s), and
+/// the peer agent closes its end when they do. What they held is given back with a second trim.
+const TRIM_FOLLOW_UP: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// Below this many connections, what closing them frees is not worth a trim.
 const TRIM_MIN_PEAK: usize = 64;
@@ -129,18 +136,40 @@ impl ConnTable {
     /// is still open. glibc's allocator keeps freed memory of its per-thread arenas otherwise, so the
     /// agent's RSS would stay at its peak after a burst of connections. Called from a periodic tick.
     pub fn release_memory_if_shrunk(&self) {
-        let live = self.len();
+        let live = match self.live.lock() {
+            Ok(mut l) => {
+                // The table itself keeps room for its peak; a quarter full, it gives the rest back.
+                let len = l.len();
+                if l.capacity() > 4 * len.max(64) {
+                    l.shrink_to(2 * len);
+                }
+                l.len()
+            }
+            Err(_) => return,
+        };
         let peak = self.peak.load(Ordering::Relaxed);
-        if peak < TRIM_MIN_PEAK || live > peak / 2 {
+        let Ok(mut follow_up) = self.follow_up.lock() else {
             return;
-        }
-        self.peak.store(live, Ordering::Relaxed);
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim has no preconditions; it only returns free memory to the kernel.
-        unsafe {
-            libc::malloc_trim(0);
+        };
+        if peak >= TRIM_MIN_PEAK && live <= peak / 2 {
+            self.peak.store(live, Ordering::Relaxed);
+            *follow_up = Some(Instant::now() + TRIM_FOLLOW_UP);
+            trim(live, peak);
+        } else if follow_up.is_some_and(|at| Instant::now() >= at) {
+            *follow_up = None;
+            trim(live, peak);
         }
     }
+}
+
+/// Returns the allocator's free memory to the kernel.
+fn trim(live: usize, peak: usize) {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only returns free memory to the kernel.
+    let released = unsafe { libc::malloc_trim(0) };
+    #[cfg(not(target_env = "gnu"))]
+    let released = 0;
+    tracing::debug!(live, peak, released, "gave freed heap back to the kernel");
 }
 
 #[cfg(test)]
@@ -178,12 +207,21 @@ mod tests {
             50,
             "trimmed at half: the peak restarts"
         );
+        assert!(
+            table.follow_up.lock().unwrap().is_some(),
+            "a second trim is due after a shrink"
+        );
+        *table.follow_up.lock().unwrap() = Some(Instant::now());
         open.clear();
         table.release_memory_if_shrunk();
         assert_eq!(
             table.peak.load(Ordering::Relaxed),
             50,
             "a peak of 50 is below what is worth a trim"
+        );
+        assert!(
+            table.follow_up.lock().unwrap().is_none(),
+            "the due second trim ran, once"
         );
         assert!(table.is_empty());
         let again: Vec<Registered> = (0..80).map(|_| table.register(conn())).collect();

@@ -21,6 +21,10 @@ pub struct PoolConfig {
     pub max_streams_per_connection: usize,
     /// A connection without streams for this long is released.
     pub idle_timeout: Duration,
+    /// Beyond the first idle connection of a key, further idle ones (opened for a burst of streams)
+    /// are released after this long: one stays ready for the key's next stream, the rest would only
+    /// hold their buffers and HTTP/2 stream tables.
+    pub spare_idle_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -28,6 +32,7 @@ impl Default for PoolConfig {
         PoolConfig {
             max_streams_per_connection: 100,
             idle_timeout: Duration::from_secs(5 * 60),
+            spare_idle_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -171,8 +176,11 @@ where
             keys: Mutex::new(HashMap::new()),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let period = (inner.config.idle_timeout / 4)
-                .clamp(Duration::from_millis(10), Duration::from_secs(30));
+            let shortest = inner
+                .config
+                .idle_timeout
+                .min(inner.config.spare_idle_timeout);
+            let period = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
             runtime.spawn(reaper(Arc::downgrade(&inner), period));
         }
         Pool { inner }
@@ -305,7 +313,9 @@ impl<K: Hash + Eq + Clone + Debug> Inner<K> {
 
     fn prune(&self, entry: &mut Entry, now: Instant) {
         let idle_timeout = self.config.idle_timeout;
+        let spare_idle_timeout = self.config.spare_idle_timeout.min(idle_timeout);
         let generation = entry.generation;
+        let mut kept_idle = false;
         entry.conns.retain(|conn| {
             let client = &conn.client;
             if client.is_closed() {
@@ -314,7 +324,16 @@ impl<K: Hash + Eq + Clone + Debug> Inner<K> {
             match client.idle_since() {
                 // Dropping our handle lets h2 close the connection once its streams are gone.
                 Some(_) if conn.generation < generation || !client.is_ready() => false,
-                Some(since) => now.saturating_duration_since(since) < idle_timeout,
+                Some(since) => {
+                    let limit = if kept_idle {
+                        spare_idle_timeout
+                    } else {
+                        idle_timeout
+                    };
+                    let keep = now.saturating_duration_since(since) < limit;
+                    kept_idle |= keep;
+                    keep
+                }
                 None => true,
             }
         });

@@ -236,7 +236,13 @@ const EARLY_DATA: usize = 16 * 1024;
 /// What the app has sent so far (up to [`EARLY_DATA`]), left in its socket. Empty when it has sent
 /// nothing yet (a server-first protocol) or the socket cannot be read.
 fn peek_early(app: &TcpStream) -> Bytes {
-    let mut buf = [0u8; EARLY_DATA];
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(app.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 || queued <= 0 {
+        return Bytes::new();
+    }
+    // Sized by what is queued: a connection's task never holds a buffer of the full bound.
+    let mut buf = vec![0u8; (queued as usize).min(EARLY_DATA)];
     // SAFETY: the buffer is valid for its length; MSG_PEEK leaves the bytes queued.
     let n = unsafe {
         libc::recv(
@@ -247,7 +253,10 @@ fn peek_early(app: &TcpStream) -> Bytes {
         )
     };
     match usize::try_from(n) {
-        Ok(n) if n > 0 => Bytes::copy_from_slice(&buf[..n]),
+        Ok(n) if n > 0 => {
+            buf.truncate(n);
+            Bytes::from(buf)
+        }
         _ => Bytes::new(),
     }
 }

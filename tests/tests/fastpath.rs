@@ -152,6 +152,7 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
     // sends just then sends its socket to userspace for good (in order, and counted). Ordering the
     // inserts makes that rare, a machine under load can still hit it once; more means joins fail.
     let passed = events(&t.n1, "splice_passed")?;
+    eprintln!("splice_passed={passed}");
     assert!(
         passed <= 1,
         "{passed} of the 9 connections fell back to userspace"
@@ -236,6 +237,17 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
             .map(|v| v as u64)?;
     assert_eq!(request, total_sent, "request bytes in the metrics");
     assert_eq!(response, received_total, "response bytes in the metrics");
+
+    // Every joined connection checked its own accounting at the end (what each socket was given to
+    // send against what the verdict and the agent put into it) and found it whole.
+    let mismatches: Vec<String> = t
+        .agent
+        .lines()
+        .iter()
+        .filter(|l| l.msg().contains("did not account for"))
+        .map(|l| l.0.to_string())
+        .collect();
+    assert!(mismatches.is_empty(), "{mismatches:#?}");
     Ok(())
 }
 

@@ -155,7 +155,8 @@ impl Joined {
 
     /// Bytes `to` was given to send since the join beyond the `user` bytes the agent wrote to it and
     /// those the kernel redirected into it: zero unless the kernel sent something twice (positive)
-    /// or lost it (negative). Meaningful once both directions have seen their end of stream.
+    /// or lost it (negative). For a socket the agent has shut down for writing, once both directions
+    /// have seen their end of stream: its FIN takes a sequence number, which [`written`] counts.
     pub fn surplus(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<i64> {
         let (ab, ba) = self.redirected();
         let (into, base) = match to {
@@ -163,7 +164,7 @@ impl Joined {
             Side::B => (ab, self.written_at_join[1]),
         };
         let given = written(fd)?.saturating_sub(base);
-        Ok(given as i64 - (into + user) as i64)
+        Ok(given as i64 - (into + user) as i64 - 1)
     }
 
     fn fall_back(&mut self) {
@@ -210,8 +211,9 @@ fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
     crate::netns::socket_option_u64(sock, SO_COOKIE)
 }
 
-/// Bytes a TCP socket has been given to send over its lifetime: acknowledged plus still queued. Read
-/// in that order, a concurrent acknowledgement can only make the sum low for a moment, never high.
+/// Bytes a TCP socket has been given to send over its lifetime: acknowledged plus still queued, and
+/// one more once its FIN is queued (TCP numbers it like a byte). Read in that order, a concurrent
+/// acknowledgement can only make the sum low for a moment, never high.
 fn written(sock: &impl AsRawFd) -> io::Result<u64> {
     // SAFETY: an all-zero tcp_info is valid; the kernel fills at most `len` bytes of it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };

@@ -109,11 +109,19 @@ fn run() -> Result<()> {
 }
 
 pub fn workspace_root() -> Result<PathBuf> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest
+    xtask_dir()
         .parent()
         .map(Path::to_owned)
         .context("xtask has no parent directory")
+}
+
+/// This crate's directory in the checkout `cargo xtask` was run from. `cargo run` says so at run time;
+/// the path compiled in is only a fallback: checkouts sharing one target directory share one xtask
+/// executable, and one built in another checkout would otherwise build and test that checkout.
+pub fn xtask_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// `cargo` with the project's tools on PATH.

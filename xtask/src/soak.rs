@@ -46,7 +46,7 @@ const FIXED_BYTES: f64 = 8_000_000.0;
 const PER_CONN_BYTES: f64 = 4_000.0;
 
 fn soak_py() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/soak/soak.py")
+    crate::xtask_dir().join("../tests/soak/soak.py")
 }
 
 fn progress(start: Instant, text: &str) {

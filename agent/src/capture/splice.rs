@@ -145,12 +145,18 @@ impl Joined {
     /// hands redirected bytes to the sending socket from a work queue: shutting down `to` before they are
     /// all in would lose them.
     pub fn drained(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<bool> {
+        let (given, into) = self.given_and_redirected(to, fd)?;
+        Ok(given >= into + user)
+    }
+
+    /// What `to` was given to send since the join, and what the kernel redirected into it.
+    fn given_and_redirected(&self, to: Side, fd: &impl AsRawFd) -> io::Result<(u64, u64)> {
         let (ab, ba) = self.redirected();
         let (into, base) = match to {
             Side::A => (ba, self.written_at_join[0]),
             Side::B => (ab, self.written_at_join[1]),
         };
-        Ok(written(fd)?.saturating_sub(base) >= into + user)
+        Ok((written(fd)?.saturating_sub(base), into))
     }
 
     /// Bytes `to` was given to send since the join beyond the `user` bytes the agent wrote to it and
@@ -158,12 +164,7 @@ impl Joined {
     /// or lost it (negative). For a socket the agent has shut down for writing, once both directions
     /// have seen their end of stream: its FIN takes a sequence number, which [`written`] counts.
     pub fn surplus(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<i64> {
-        let (ab, ba) = self.redirected();
-        let (into, base) = match to {
-            Side::A => (ba, self.written_at_join[0]),
-            Side::B => (ab, self.written_at_join[1]),
-        };
-        let given = written(fd)?.saturating_sub(base);
+        let (given, into) = self.given_and_redirected(to, fd)?;
         Ok(given as i64 - (into + user) as i64 - 1)
     }
 

@@ -143,7 +143,7 @@ impl ConnTable {
                 if l.capacity() > 4 * len.max(64) {
                     l.shrink_to(2 * len);
                 }
-                l.len()
+                len
             }
             Err(_) => return,
         };

@@ -762,13 +762,26 @@ impl World {
     }
 
     /// Starts `ferry-testapp hold` (a long-lived echo exchange) in `ctx` and waits until connected.
-    pub fn hold(&self, mut ctx: Command, to: SocketAddr, seconds: u32) -> Result<Proc> {
+    pub fn hold(&self, ctx: Command, to: SocketAddr, seconds: u32) -> Result<Proc> {
+        self.hold_pausing(ctx, to, seconds, 50)
+    }
+
+    /// As [`World::hold`], pausing `pause_ms` between exchanges (0: back to back).
+    pub fn hold_pausing(
+        &self,
+        mut ctx: Command,
+        to: SocketAddr,
+        seconds: u32,
+        pause_ms: u64,
+    ) -> Result<Proc> {
         ctx.args([
             "hold",
             "--to",
             &to.to_string(),
             "--seconds",
             &seconds.to_string(),
+            "--pause-ms",
+            &pause_ms.to_string(),
         ]);
         let p = self.spawn(ctx, "hold")?;
         p.wait_for_output("connected", Duration::from_secs(5))?;
@@ -936,6 +949,31 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Context switches of all the agent's threads so far: how often it was put to sleep and woken.
+    pub fn context_switches(&self) -> Result<u64> {
+        let mut total = 0;
+        let tasks = format!("/proc/{}/task", self.pid);
+        for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+            let status = task?.path().join("status");
+            // A thread that ended since the listing has no status left: it switches no more.
+            let Ok(text) = std::fs::read_to_string(&status) else {
+                continue;
+            };
+            for line in text.lines() {
+                if let Some(v) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    total += v
+                        .trim()
+                        .parse::<u64>()
+                        .with_context(|| format!("{status:?}: {line}"))?;
+                }
+            }
+        }
+        Ok(total)
+    }
+
     pub fn lines(&self) -> Vec<LogLine> {
         let Ok(f) = File::open(&self.log_path) else {
             return Vec::new();

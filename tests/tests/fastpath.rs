@@ -295,6 +295,48 @@ fn a_policy_change_closes_a_fast_path_connection_and_conns_counts_its_bytes() ->
     Ok(())
 }
 
+/// Once joined, the kernel carries a connection's bytes without waking the agent: a client and an
+/// echo server exchanging a byte back to back redirect thousands of buffers a second, and the
+/// agent's threads sleep through nearly all of them (it used to be woken for each one, as a read
+/// readiness, only to find nothing to read).
+#[test]
+fn a_joined_connection_does_not_wake_the_agent_per_buffer() -> Result<()> {
+    let t = same_node(FAST_PATH_ON)?;
+    let _echo = t
+        .world
+        .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
+    let h = t
+        .world
+        .hold_pausing(t.client.command(testapp()), to, 4, 0)?;
+    let joined = eventually(Duration::from_secs(5), || {
+        events(&t.n1, "splice_redirected").unwrap_or(0) > 0
+    });
+    assert!(joined, "the kernel carries the exchange");
+    let (switches, redirected) = (
+        t.agent.context_switches()?,
+        events(&t.n1, "splice_redirected")?,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let switches = t.agent.context_switches()? - switches;
+    let redirected = events(&t.n1, "splice_redirected")? - redirected;
+    eprintln!("redirected={redirected} agent_context_switches={switches}");
+    assert!(
+        redirected > 1000,
+        "the exchange went on in the kernel: {redirected} buffers in a second"
+    );
+    assert!(
+        switches * 20 < redirected,
+        "the agent was switched {switches} times while the kernel redirected {redirected} buffers"
+    );
+    let out = {
+        h.wait_for_output("\"ok\":", Duration::from_secs(10))?;
+        h.output()
+    };
+    assert!(out.contains("\"ok\":true"), "{out}");
+    Ok(())
+}
+
 /// Bytes the kernel cannot redirect fall back to the userspace relay, in order and counted: here one
 /// socket of a joined pair is taken out of the sockhash behind the agent's back (as a socket that
 /// closes leaves it), so the other's verdict finds no peer to redirect to.

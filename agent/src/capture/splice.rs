@@ -125,6 +125,17 @@ impl Splice {
             drop(sockets);
             joined.fall_back();
             tracing::warn!(error = %CaptureError::bpf("joining in FERRY_SPLICE")(e), "same-node fast path not used for this connection");
+            return Ok(joined);
+        }
+        drop(sockets);
+        // Bytes that reached a socket after the caller saw its queue empty but before the socket was in
+        // the map sit in its receive queue: the verdict only runs when more arrive, and an app waiting
+        // for an answer sends no more. Setting SO_RCVLOWAT makes TCP run the socket's data-ready hook
+        // (the verdict, under the socket's lock) over what is queued, so every byte goes through the
+        // verdict in order and none is left for a read from userspace.
+        if let Err(e) = flush_to_verdict(first.1).and_then(|()| flush_to_verdict(second.1)) {
+            joined.fall_back();
+            tracing::warn!(error = %e, "same-node fast path not used for this connection: handing queued bytes to the verdict");
         }
         Ok(joined)
     }
@@ -138,6 +149,17 @@ impl Joined {
         };
         let get = |c: &u64| peers.get(c, 0).map(|e| e.redirected).unwrap_or(0);
         (get(&self.cookies[0]), get(&self.cookies[1]))
+    }
+
+    /// Whether the verdict sent either socket's bytes to userspace (a peer was not in the map yet, or
+    /// left it): those bytes wait in that socket for a read, in order.
+    pub fn passed_any(&self) -> bool {
+        let Ok(peers) = self.splice.peers.lock() else {
+            return true;
+        };
+        self.cookies
+            .iter()
+            .any(|c| peers.get(c, 0).map(|e| e.passed != 0).unwrap_or(true))
     }
 
     /// Whether `to` has taken, into its send queue or already acknowledged, every byte the kernel
@@ -205,6 +227,26 @@ fn ignore_missing(r: Result<(), MapError>) {
     {
         tracing::debug!(error = %e, "removing a fast-path entry");
     }
+}
+
+/// Runs a TCP socket's data-ready hook over its receive queue: `SO_RCVLOWAT` (set to 1, the default,
+/// so reads and polls behave as before) checks whether readers need waking right away.
+fn flush_to_verdict(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: the option value is one int, and `fd` is a socket the caller keeps open.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The kernel's cookie of a socket (`SO_COOKIE`), which `bpf_get_socket_cookie` returns for it.

@@ -2,7 +2,8 @@
 //! plaintext), in userspace or — for authorized same-node connections — joined in the kernel.
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    io::Read,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     sync::{
         Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
@@ -11,7 +12,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt, Interest, unix::AsyncFd},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -32,6 +33,11 @@ use crate::capture::splice::{Joined, Side, Splice};
 /// only lives for one exchange would not win back.
 pub const JOIN_AFTER: Duration = Duration::from_millis(5);
 
+/// How soon, and at most how seldom, a joined pair is checked for bytes left to userspace without a
+/// wake-up (see [`in_kernel`]).
+const LOOK_FIRST: Duration = Duration::from_millis(100);
+const LOOK_MAX: Duration = Duration::from_secs(5);
+
 /// The kernel carries at most a send buffer per socket between two runs of its work queue, which
 /// waits a clock tick whenever the buffer is full: room for a tick of fast local traffic.
 const JOINED_SNDBUF: usize = 4 << 20;
@@ -42,12 +48,12 @@ const JOINED_SNDBUF: usize = 4 << 20;
 /// With `fast`, a connection still open after [`JOIN_AFTER`] is joined in the kernel (the same-node
 /// fast path) at the first moment both receive queues are empty and neither direction is in the
 /// middle of a write: the kernel's verdict takes whole socket buffers, and one userspace had read in
-/// part would be sent again from its start. From then on a read here returns only the end of stream
-/// (or bytes the kernel could not redirect, relayed in order), which is carried on once the kernel
-/// has handed over every byte before it. If joining fails the relay goes on in userspace.
+/// part would be sent again from its start. From then on the agent reads neither socket: it waits
+/// for each stream's end (see [`EndWatch`]), which it carries on once the kernel has handed over
+/// every byte before it. If joining fails the relay goes on in userspace.
 pub async fn splice(
-    mut a: TcpStream,
-    mut b: TcpStream,
+    a: TcpStream,
+    b: TcpStream,
     stats: &CopyStats,
     kill: &KillSwitch,
     fast: Option<&Arc<Splice>>,
@@ -62,13 +68,9 @@ pub async fn splice(
         joined: OnceLock::new(),
         stats,
     };
-    let (mut ar, mut aw) = a.split();
-    let (mut br, mut bw) = b.split();
-    let up = pump(&pair, Side::A, &mut ar, &mut bw);
-    let down = pump(&pair, Side::B, &mut br, &mut aw);
     // Either direction failing ends both: the sockets are dropped together when this returns.
     let result = tokio::select! {
-        r = async { tokio::try_join!(up, down) } => r.map(drop),
+        r = relay(&pair, a, b) => r,
         () = kill.killed() => Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "closed by a policy change",
@@ -88,6 +90,185 @@ pub async fn splice(
             received: stats.received(),
             error: e.to_string(),
         },
+    }
+}
+
+/// Both directions until each has carried its end of stream: in userspace, then — once joined —
+/// in the kernel with the agent only watching for the ends, and back in userspace should the kernel
+/// ever hand a joined socket's bytes to the agent.
+async fn relay(pair: &Pair<'_>, mut a: TcpStream, mut b: TcpStream) -> io::Result<()> {
+    let mut ended = [false; 2];
+    loop {
+        if !in_user(pair, &mut a, &mut b, &mut ended).await? {
+            return Ok(());
+        }
+        let (sa, sb) = (a.into_std()?, b.into_std()?);
+        let Some((from, pending)) = in_kernel(pair, [&sa, &sb], &mut ended).await? else {
+            return Ok(());
+        };
+        a = TcpStream::from_std(sa)?;
+        b = TcpStream::from_std(sb)?;
+        match from {
+            Side::A => {
+                b.write_all(&pending).await?;
+                pair.stats.add_sent(pending.len());
+            }
+            Side::B => {
+                a.write_all(&pending).await?;
+                pair.stats.add_received(pending.len());
+            }
+        }
+    }
+}
+
+/// How a direction's pump stopped.
+enum Pumped {
+    /// It carried the end of stream.
+    Eof,
+    /// The pair was joined in the kernel: this direction's bytes no longer come through userspace.
+    Joined,
+}
+
+/// The userspace relay, for the directions not `ended` yet. True when the pair was joined in the
+/// kernel (every direction's reads stop then), false once every direction has ended.
+async fn in_user(
+    pair: &Pair<'_>,
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    ended: &mut [bool; 2],
+) -> io::Result<bool> {
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let up = pump(pair, Side::A, &mut ar, &mut bw);
+    let down = pump(pair, Side::B, &mut br, &mut aw);
+    tokio::pin!(up, down);
+    while *ended != [true, true] {
+        let (side, pumped) = tokio::select! {
+            r = &mut up, if !ended[0] => (0, r?),
+            r = &mut down, if !ended[1] => (1, r?),
+        };
+        match pumped {
+            Pumped::Eof => ended[side] = true,
+            // The other direction was waiting for bytes (a condition of joining): dropping its read
+            // loses nothing.
+            Pumped::Joined => return Ok(true),
+        }
+    }
+    Ok(false)
+}
+
+/// A joined pair: the kernel carries the bytes, and the agent is woken only when a socket's peer
+/// ends its stream or the socket fails — not for every buffer the verdict redirects, as a read
+/// readiness would be. Returns the bytes a socket handed to userspace instead, if it ever does
+/// (its peer left the sockhash), for the userspace relay to carry on from; `None` once every
+/// direction has ended.
+async fn in_kernel(
+    pair: &Pair<'_>,
+    socks: [&std::net::TcpStream; 2],
+    ended: &mut [bool; 2],
+) -> io::Result<Option<(Side, Vec<u8>)>> {
+    let fds = [socks[0].as_raw_fd(), socks[1].as_raw_fd()];
+    let watch = EndWatch::new(fds)?;
+    let mut buf = [0u8; FIRST_READ];
+    let mut look = LOOK_FIRST;
+    while *ended != [true, true] {
+        let ready = tokio::select! {
+            r = watch.wait() => r?,
+            () = tokio::time::sleep(look) => {
+                // Bytes the verdict handed to userspace because the pair's entry was gone (evicted
+                // from its map) wake nobody: look for them now and then rather than never.
+                look = (look * 2).min(LOOK_MAX);
+                [0, 1].map(|i| !ended[i] && queued(fds[i]) > 0)
+            }
+        };
+        for (i, from) in [Side::A, Side::B].into_iter().enumerate() {
+            if !ready[i] {
+                continue;
+            }
+            if ended[i] {
+                // Its stream ended already: only a failure matters now.
+                if let Some(e) = socks[i].take_error()? {
+                    return Err(e);
+                }
+                continue;
+            }
+            match (&mut &*socks[i]).read(&mut buf) {
+                Ok(0) => {
+                    let to = if from == Side::A { Side::B } else { Side::A };
+                    pair.drained(to).await?;
+                    socks[1 - i].shutdown(std::net::Shutdown::Write)?;
+                    ended[i] = true;
+                }
+                Ok(n) => return Ok(Some((from, buf[..n].to_vec()))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Waits for the ends of a joined pair's streams: an epoll set with only `EPOLLRDHUP` (and the
+/// always-reported `EPOLLERR`/`EPOLLHUP`) asked of each socket, so the verdict's wake-ups for data
+/// are filtered out in the kernel.
+struct EndWatch {
+    epoll: AsyncFd<OwnedFd>,
+}
+
+impl EndWatch {
+    fn new(fds: [RawFd; 2]) -> io::Result<Self> {
+        // SAFETY: plain syscall; a valid descriptor is owned below.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `ep` was just created and is owned by nothing else.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        for (i, fd) in fds.into_iter().enumerate() {
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+                u64: i as u64,
+            };
+            // SAFETY: both descriptors are open; the event is a valid epoll_event.
+            let rc = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: the AsyncFd owns the descriptor (an OwnedFd), so it stays open exactly as long as
+        // it is registered.
+        let epoll = unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(Self { epoll })
+    }
+
+    /// Which sockets reported an end or a failure since the last call.
+    async fn wait(&self) -> io::Result<[bool; 2]> {
+        loop {
+            let mut guard = self.epoll.readable().await?;
+            // SAFETY: an all-zero epoll_event is valid.
+            let mut events: [libc::epoll_event; 2] = unsafe { std::mem::zeroed() };
+            // SAFETY: the buffer holds two events, as passed.
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 2, 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                guard.clear_ready();
+                continue;
+            }
+            let mut ready = [false; 2];
+            for ev in &events[..n as usize] {
+                if let Some(r) = ready.get_mut(ev.u64 as usize) {
+                    *r = true;
+                }
+            }
+            return Ok(ready);
+        }
     }
 }
 
@@ -119,15 +300,18 @@ impl Pair<'_> {
     }
 
     /// Joins the two sockets if it is time and safe: `from`'s direction just finished a write, the
-    /// other one waits for bytes, and neither socket has unread bytes queued.
-    fn maybe_join(&self, from: Side) {
-        let Some(splice) = &self.splice else { return };
+    /// other one waits for bytes, and neither socket has unread bytes queued. True when the kernel
+    /// now carries every byte of both, so the relay stops reading them.
+    fn maybe_join(&self, from: Side) -> bool {
+        let Some(splice) = &self.splice else {
+            return false;
+        };
         if self.joined.get().is_some() || Instant::now() < self.join_at {
-            return;
+            return false;
         }
         let other = 1 - Self::index(from);
         if !self.idle[other].load(Ordering::Relaxed) || self.fds.iter().any(|fd| queued(*fd) != 0) {
-            return;
+            return false;
         }
         // SAFETY: both descriptors belong to streams that outlive the relay.
         let (sa, sb) = unsafe {
@@ -139,21 +323,26 @@ impl Pair<'_> {
         for s in [&sa, &sb] {
             let _ = socket2::SockRef::from(s).set_send_buffer_size(JOINED_SNDBUF);
         }
-        let joined = match splice.join(&sa, &sb, self.quiet_side(from)) {
+        let (joined, clean) = match splice.join(&sa, &sb, self.quiet_side(from)) {
             Ok(j) => {
+                // A socket whose bytes went to userspace while its peer was not in the map yet
+                // keeps sending them there: the relay goes on reading both.
+                let clean = j.in_kernel && !j.passed_any();
                 let j = Arc::new(j);
                 self.stats.add_kernel(j.clone());
-                Some(JoinedAt {
+                let at = JoinedAt {
                     joined: j,
                     user: self.stats.in_user(),
-                })
+                };
+                (Some(at), clean)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "same-node fast path not used for this connection");
-                None
+                (None, false)
             }
         };
         let _ = self.joined.set(joined);
+        clean
     }
 
     /// Once both directions ended cleanly: every byte each socket was given since the join came from
@@ -251,7 +440,7 @@ async fn pump(
     from: Side,
     r: &mut ReadHalf<'_>,
     w: &mut WriteHalf<'_>,
-) -> io::Result<()> {
+) -> io::Result<Pumped> {
     let me = Pair::index(from);
     let to = if from == Side::A { Side::B } else { Side::A };
     // Not zero-filled and grown only while reads come back full: an idle connection keeps a small
@@ -267,7 +456,8 @@ async fn pump(
         let n = n?;
         if n == 0 {
             pair.drained(to).await?;
-            return w.shutdown().await;
+            w.shutdown().await?;
+            return Ok(Pumped::Eof);
         }
         w.write_all(&buf[..n]).await?;
         match from {
@@ -275,6 +465,8 @@ async fn pump(
             Side::B => pair.stats.add_received(n),
         }
         want = next_read_size(want, n);
-        pair.maybe_join(from);
+        if pair.maybe_join(from) {
+            return Ok(Pumped::Joined);
+        }
     }
 }

@@ -42,7 +42,13 @@ fn main() {
             let secs: u64 = arg(&args, "--seconds")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(10);
-            println!("{}", hold(to, Duration::from_secs(secs)));
+            let pause: u64 = arg(&args, "--pause-ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(50);
+            println!(
+                "{}",
+                hold(to, Duration::from_secs(secs), Duration::from_millis(pause))
+            );
         }
         Some("dial-many") => {
             let targets: Vec<SocketAddr> = arg(&args, "--to")
@@ -373,7 +379,7 @@ fn dial_bulk(to: SocketAddr, bytes: usize, expect: Option<usize>, timeout: Durat
 
 /// A long-lived connection: one byte every 50 ms, each echo awaited, for `len` or until it breaks.
 /// Prints `connected` once the greeting arrived, then one JSON line at the end.
-fn hold(to: SocketAddr, len: Duration) -> String {
+fn hold(to: SocketAddr, len: Duration, pause: Duration) -> String {
     let start = std::time::Instant::now();
     let fail = |e: &dyn std::fmt::Display| {
         format!(
@@ -410,7 +416,9 @@ fn hold(to: SocketAddr, len: Duration) -> String {
             Ok(_) => return fail(&"wrong byte"),
             Err(e) => return fail(&e),
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
     }
     let _ = conn.shutdown(Shutdown::Write);
     format!(

@@ -470,3 +470,61 @@ async fn pump(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(stats: &CopyStats) -> Pair<'_> {
+        Pair {
+            fds: [-1, -1],
+            splice: None,
+            join_at: Instant::now(),
+            idle: [AtomicBool::new(false), AtomicBool::new(false)],
+            joined: OnceLock::new(),
+            stats,
+        }
+    }
+
+    #[test]
+    fn in_an_exchange_the_side_that_just_sent_is_quiet() {
+        let stats = CopyStats::default();
+        stats.add_sent(10);
+        stats.add_received(20);
+        let p = pair(&stats);
+        assert_eq!(p.quiet_side(Side::A), Side::A);
+        assert_eq!(p.quiet_side(Side::B), Side::B);
+    }
+
+    #[test]
+    fn in_a_one_way_stream_the_receiving_side_is_quiet() {
+        let stats = CopyStats::default();
+        stats.add_sent(1 << 20);
+        let p = pair(&stats);
+        assert_eq!(p.quiet_side(Side::A), Side::B, "A streams to B");
+        let stats = CopyStats::default();
+        stats.add_received(1 << 20);
+        let p = pair(&stats);
+        assert_eq!(p.quiet_side(Side::B), Side::A, "B streams to A");
+    }
+
+    #[tokio::test]
+    async fn end_watch_wakes_for_an_end_of_stream_not_for_data() -> io::Result<()> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let mut client = std::net::TcpStream::connect(listener.local_addr()?)?;
+        let (server, _) = listener.accept()?;
+        let other = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let _idle = std::net::TcpStream::connect(other.local_addr()?)?;
+        let (idle_server, _) = other.accept()?;
+        let watch = EndWatch::new([server.as_raw_fd(), idle_server.as_raw_fd()])?;
+        std::io::Write::write_all(&mut client, b"data")?;
+        let woken = tokio::time::timeout(Duration::from_millis(200), watch.wait()).await;
+        assert!(woken.is_err(), "bytes to read are not an end: {woken:?}");
+        client.shutdown(std::net::Shutdown::Write)?;
+        let ready = tokio::time::timeout(Duration::from_secs(5), watch.wait())
+            .await
+            .map_err(|_| io::Error::other("no wake-up for the end of stream"))??;
+        assert_eq!(ready, [true, false]);
+        Ok(())
+    }
+}

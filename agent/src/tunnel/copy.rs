@@ -28,10 +28,11 @@ pub const CHUNK: usize = 64 * 1024;
 /// idle or chatty connection holds a small buffer and a bulk one soon reads in large ones.
 pub const FIRST_READ: usize = 512;
 
-/// The size of the next read after one of `n` bytes into a buffer of `want`.
+/// The size of the next read after one of `n` bytes into a buffer of `want` (`n` may be more than
+/// `want` where the read was topped up).
 pub fn next_read_size(want: usize, n: usize) -> usize {
     if n >= want {
-        (want * 2).min(CHUNK)
+        (want * 2).max(n.next_power_of_two()).min(CHUNK)
     } else {
         want
     }
@@ -297,6 +298,8 @@ impl<T: LocalStream, G> Relay<T, G> {
                     }
                     // SAFETY: the read initialized the first `n` bytes of the spare capacity.
                     unsafe { buf.set_len(n) };
+                    top_up(&mut self.io, cx, &mut buf)?;
+                    let n = buf.len();
                     self.up = Up::Sending {
                         data: buf.freeze(),
                         want: next_read_size(want, n),
@@ -385,6 +388,43 @@ impl<T: LocalStream, G> Relay<T, G> {
     }
 }
 
+/// Reads on into `buf` while the reads fill it, up to [`CHUNK`]. A small first read that came back
+/// full most likely left the rest of a message queued: taken now, it goes on as one frame (one TLS
+/// record, one segment) instead of two, each of which would wake the peer. The last read, the one
+/// that finds the queue empty, is the read the next round would have made anyway.
+fn top_up<T: AsyncRead + Unpin>(
+    io: &mut T,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> io::Result<()> {
+    while buf.len() == buf.capacity() && buf.len() < CHUNK {
+        buf.reserve(buf.len().min(CHUNK - buf.len()));
+        let len = buf.len();
+        let room = (buf.capacity() - len).min(CHUNK - len);
+        let m = {
+            let mut read = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..room]);
+            match Pin::new(&mut *io).poll_read(cx, &mut read) {
+                // Pending registered the task for the next bytes, which the next round waits for.
+                Poll::Pending => return Ok(()),
+                Poll::Ready(r) => {
+                    r?;
+                    read.filled().len()
+                }
+            }
+        };
+        if m == 0 {
+            // End of stream: the next round's read sees it again.
+            return Ok(());
+        }
+        // SAFETY: the read initialized the next `m` bytes of the spare capacity.
+        unsafe { buf.set_len(len + m) };
+        if m < room {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 /// The reason a stream stopped accepting data, for the error report.
 fn closed_reason(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> TunnelError {
     match send.poll_reset(cx) {
@@ -394,9 +434,80 @@ fn closed_reason(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> TunnelEr
     }
 }
 
+/// A loopback connection with `n` bytes queued at its reader, for tests of reads.
+#[cfg(test)]
+pub(crate) fn queued_loopback(n: usize) -> io::Result<(std::net::TcpStream, TcpStream)> {
+    use std::{io::Write, os::fd::AsRawFd};
+    let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    // Room for every byte without the reader reading: the test needs them all queued at once.
+    listener.set_recv_buffer_size(1 << 20)?;
+    listener.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    listener.listen(1)?;
+    let addr = listener
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+    let mut writer = std::net::TcpStream::connect(addr)?;
+    let (reader, _) = listener.accept()?;
+    let reader: std::net::TcpStream = reader.into();
+    writer.write_all(&vec![7u8; n])?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        if unsafe { libc::ioctl(reader.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if queued as usize >= n {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::other(format!(
+                "only {queued} of {n} bytes queued"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    reader.set_nonblocking(true)?;
+    Ok((writer, TcpStream::from_std(reader)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the relay reads at once from a fresh connection with `queued` bytes waiting.
+    async fn first_read(queued: usize) -> io::Result<usize> {
+        let (_writer, mut reader) = queued_loopback(queued)?;
+        reader.readable().await?;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut buf = BytesMut::with_capacity(FIRST_READ);
+        let n = {
+            let mut read = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..FIRST_READ]);
+            match Pin::new(&mut reader).poll_read(&mut cx, &mut read) {
+                Poll::Ready(r) => r.map(|()| read.filled().len())?,
+                Poll::Pending => return Err(io::Error::other("queued bytes not readable")),
+            }
+        };
+        // SAFETY: the read initialized the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(n) };
+        top_up(&mut reader, &mut cx, &mut buf)?;
+        Ok(buf.len())
+    }
+
+    #[tokio::test]
+    async fn a_message_larger_than_the_first_read_goes_on_whole() -> io::Result<()> {
+        assert_eq!(first_read(1024).await?, 1024);
+        assert_eq!(first_read(3000).await?, 3000);
+        assert_eq!(first_read(FIRST_READ).await?, FIRST_READ);
+        assert_eq!(first_read(100).await?, 100);
+        assert_eq!(
+            first_read(CHUNK + 4096).await?,
+            CHUNK,
+            "one frame holds a chunk at most"
+        );
+        Ok(())
+    }
 
     #[test]
     fn reads_grow_while_full_up_to_a_chunk_and_stay_small_otherwise() {
@@ -416,5 +527,11 @@ mod tests {
             "bulk reaches full-size reads within a few reads"
         );
         assert_eq!(next_read_size(CHUNK, CHUNK), CHUNK, "never beyond a chunk");
+        assert_eq!(
+            next_read_size(FIRST_READ, 3000),
+            4096,
+            "a topped-up read sets the next size"
+        );
+        assert_eq!(next_read_size(FIRST_READ, 10 * CHUNK), CHUNK);
     }
 }

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use bytes::BufMut;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, Interest, unix::AsyncFd},
     net::{
@@ -23,7 +24,7 @@ use tokio::{
 use super::{
     CopyStats,
     conn::Outcome,
-    copy::{FIRST_READ, next_read_size},
+    copy::{CHUNK, FIRST_READ, next_read_size},
     kill::KillSwitch,
 };
 use crate::capture::splice::{Joined, Side, Splice};
@@ -453,12 +454,13 @@ async fn pump(
         pair.idle[me].store(true, Ordering::Relaxed);
         let n = r.read_buf(&mut buf).await;
         pair.idle[me].store(false, Ordering::Relaxed);
-        let n = n?;
-        if n == 0 {
+        if n? == 0 {
             pair.drained(to).await?;
             w.shutdown().await?;
             return Ok(Pumped::Eof);
         }
+        top_up(r, &mut buf)?;
+        let n = buf.len();
         w.write_all(&buf[..n]).await?;
         match from {
             Side::A => pair.stats.add_sent(n),
@@ -469,6 +471,24 @@ async fn pump(
             return Ok(Pumped::Joined);
         }
     }
+}
+
+/// Reads on into `buf` while the reads fill it, up to [`CHUNK`]: the rest of a message that a small
+/// first read left queued goes out in the same write, so the app gets one segment, and one wake-up,
+/// instead of two. The read that finds the queue empty is the one the next round would have made.
+fn top_up(r: &ReadHalf<'_>, buf: &mut Vec<u8>) -> io::Result<()> {
+    while buf.len() == buf.capacity() && buf.len() < CHUNK {
+        let room = buf.len().min(CHUNK - buf.len());
+        buf.reserve(room);
+        match r.try_read_buf(&mut (&mut *buf).limit(room)) {
+            Ok(m) if m == room => {}
+            // Less than there was room for, or the end of stream, which the next read sees again.
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -484,6 +504,25 @@ mod tests {
             joined: OnceLock::new(),
             stats,
         }
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_message_goes_out_in_the_same_write() -> io::Result<()> {
+        for (queued, taken) in [
+            (1024, 1024),
+            (3000, 3000),
+            (100, 100),
+            (CHUNK + 4096, CHUNK),
+        ] {
+            let (_writer, mut reader) = super::super::copy::queued_loopback(queued)?;
+            let (mut r, _w) = reader.split();
+            let mut buf = Vec::with_capacity(FIRST_READ);
+            let n = r.read_buf(&mut buf).await?;
+            assert!(n > 0, "queued bytes not read");
+            top_up(&r, &mut buf)?;
+            assert_eq!(buf.len(), taken, "{queued} bytes queued");
+        }
+        Ok(())
     }
 
     #[test]

@@ -650,6 +650,10 @@ fn setup(bin: PathBuf, fast_path: bool) -> Result<Bench> {
             "--hold",
             &HOLD.to_string(),
         ]);
+        // Checks every bulk byte against what was sent (costs the sink CPU, so off by default).
+        if std::env::var_os("FERRY_BENCH_VERIFY").is_some() {
+            cmd.arg("--verify");
+        }
         let srv = world.spawn(cmd, &format!("serve-{}", pod.name))?;
         srv.wait_for_output("listening", Duration::from_secs(5))?;
     }

@@ -1,9 +1,10 @@
 //! `ferry-bench`: the load generator and server of `cargo xtask bench`. Clients print their samples as
 //! text (`key=value` header lines, then one sample in nanoseconds per line) for the bench to parse.
 //!
-//! - `serve --echo PORT --sink PORT --hold PORT`: echo (request/response, churn), sink (bulk: counts
-//!   bytes to EOF, answers the count as 8 bytes LE) and hold (idle connections: echoes one byte, then
-//!   keeps the connection open until the peer closes). Prints `listening` once bound.
+//! - `serve --echo PORT --sink PORT --hold PORT [--verify]`: echo (request/response, churn), sink
+//!   (bulk: counts bytes to EOF and answers a [`SinkReport`]; with `--verify` it also compares every
+//!   byte with the pattern bulk senders send) and hold (idle connections: echoes one byte, then keeps
+//!   the connection open until the peer closes). Prints `listening` once bound.
 //! - `rr --to ADDR --size N --count K --warmup W`: one persistent connection, K timed round trips.
 //! - `churn --to ADDR --size N --count K`: K sequential connect, request/response, close.
 //! - `bulk --to ADDR --streams S --bytes B`: S parallel streams into the sink, B bytes in all.
@@ -22,6 +23,53 @@ use std::{
 };
 
 type Res<T> = Result<T, String>;
+
+/// What bulk streams send: 8-byte little-endian words, each the offset of that word within the
+/// pattern, repeated. A byte duplicated, lost or reordered in transit breaks the sequence where it
+/// happened, and the word found there tells where in the pattern the wrong bytes came from.
+const PATTERN_LEN: usize = 256 * 1024;
+
+fn pattern() -> Vec<u8> {
+    (0..PATTERN_LEN as u64 / 8)
+        .flat_map(|w| (w * 8).to_le_bytes())
+        .collect()
+}
+
+/// The sink's answer at the end of a stream: bytes counted, and the first stream offset whose byte
+/// differs from the pattern (`u64::MAX`: none, or not verified) with the 16 bytes found from the
+/// word boundary before it.
+struct SinkReport {
+    total: u64,
+    bad_at: u64,
+    found: [u8; 16],
+}
+
+impl SinkReport {
+    const LEN: usize = 32;
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&self.total.to_le_bytes());
+        b[8..16].copy_from_slice(&self.bad_at.to_le_bytes());
+        b[16..].copy_from_slice(&self.found);
+        b
+    }
+
+    fn decode(b: &[u8; Self::LEN]) -> Self {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let mut found = [0u8; 16];
+        found.copy_from_slice(&b[16..]);
+        SinkReport {
+            total: word(0),
+            bad_at: word(8),
+            found,
+        }
+    }
+}
 
 fn main() {
     raise_nofile();
@@ -152,7 +200,7 @@ fn bulk(args: &[String]) -> Res<()> {
             let conn = connect(to);
             barrier.wait();
             let mut s = conn?;
-            let buf = vec![b'b'; 256 * 1024];
+            let buf = pattern();
             let mut left = per;
             while left > 0 {
                 let n = (buf.len() as u64).min(left) as usize;
@@ -160,10 +208,30 @@ fn bulk(args: &[String]) -> Res<()> {
                 left -= n as u64;
             }
             s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
-            let mut ack = [0u8; 8];
+            let mut ack = [0u8; SinkReport::LEN];
             s.read_exact(&mut ack)
                 .map_err(|e| format!("reading the sink's count: {e}"))?;
-            Ok(u64::from_le_bytes(ack))
+            let report = SinkReport::decode(&ack);
+            if report.bad_at != u64::MAX {
+                let aligned = report.bad_at / 8 * 8;
+                let words: Vec<String> = report
+                    .found
+                    .chunks(8)
+                    .map(|w| {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(w);
+                        format!("{:#x}", u64::from_le_bytes(b))
+                    })
+                    .collect();
+                return Err(format!(
+                    "the sink received other bytes than were sent from stream offset {} on (of {} counted): the words from offset {aligned} were {} where {:#x} was sent",
+                    report.bad_at,
+                    report.total,
+                    words.join(" "),
+                    aligned % PATTERN_LEN as u64
+                ));
+            }
+            Ok(report.total)
         }));
     }
     barrier.wait();
@@ -217,6 +285,7 @@ fn serve(args: &[String]) -> Res<()> {
     let echo = listen(num(args, "--echo")? as u16)?;
     let sink = listen(num(args, "--sink")? as u16)?;
     let hold = listen(num(args, "--hold")? as u16)?;
+    let verify = args.iter().any(|a| a == "--verify");
     // Acceptor threads serve their connection inline: no thread creation per connection, so churn
     // measures the path, not the server.
     let mut threads = Vec::new();
@@ -232,7 +301,7 @@ fn serve(args: &[String]) -> Res<()> {
         let l = sink.try_clone().map_err(|e| e.to_string())?;
         threads.push(std::thread::spawn(move || {
             for c in l.incoming().flatten() {
-                serve_sink(c);
+                serve_sink(c, verify);
             }
         }));
     }
@@ -273,17 +342,54 @@ fn serve_echo(mut c: TcpStream) {
     }
 }
 
-fn serve_sink(mut c: TcpStream) {
+fn serve_sink(mut c: TcpStream, verify: bool) {
+    let want = pattern();
     let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
+    let mut report = SinkReport {
+        total: 0,
+        bad_at: u64::MAX,
+        found: [0; 16],
+    };
     loop {
-        match c.read(&mut buf) {
+        let n = match c.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => total += n as u64,
+            Ok(n) => n,
             Err(_) => return,
+        };
+        if verify {
+            check(&want, report.total, &buf[..n], &mut report);
         }
+        report.total += n as u64;
     }
-    let _ = c.write_all(&total.to_le_bytes());
+    let _ = c.write_all(&report.encode());
+}
+
+/// Compares `got`, read at stream offset `at`, with the pattern; records the first difference.
+fn check(want: &[u8], at: u64, got: &[u8], report: &mut SinkReport) {
+    if report.bad_at != u64::MAX {
+        return;
+    }
+    let mut done = 0;
+    while done < got.len() {
+        let off = (at as usize + done) % want.len();
+        let len = (want.len() - off).min(got.len() - done);
+        let have = &got[done..done + len];
+        if have != &want[off..off + len] {
+            let k = have
+                .iter()
+                .zip(&want[off..off + len])
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            let bad = done + k;
+            report.bad_at = at + bad as u64;
+            // From the word boundary (in stream offsets) before the first difference.
+            let start = bad.saturating_sub((report.bad_at % 8) as usize);
+            let end = (start + 16).min(got.len());
+            report.found[..end - start].copy_from_slice(&got[start..end]);
+            return;
+        }
+        done += len;
+    }
 }
 
 /// Closes held connections whose peer closed: a half-closed connection left open would keep the
@@ -321,5 +427,40 @@ fn reap(held: &Mutex<Vec<TcpStream>>) {
             }
         }
         *v = keep;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verify(stream: &[u8], reads: usize) -> SinkReport {
+        let want = pattern();
+        let mut report = SinkReport {
+            total: 0,
+            bad_at: u64::MAX,
+            found: [0; 16],
+        };
+        for piece in stream.chunks(reads) {
+            check(&want, report.total, piece, &mut report);
+            report.total += piece.len() as u64;
+        }
+        report
+    }
+
+    #[test]
+    fn the_sink_finds_a_duplicated_buffer_where_it_was_inserted() {
+        let p = pattern();
+        let sent: Vec<u8> = p.iter().chain(&p).chain(&p).copied().collect();
+        assert_eq!(verify(&sent, 65_483).bad_at, u64::MAX, "the pattern itself");
+        // One 65,483-byte buffer delivered twice, 100,000 bytes into the stream.
+        let mut dup = sent[..100_000].to_vec();
+        dup.extend_from_slice(&sent[100_000 - 65_483..]);
+        let r = verify(&dup, 65_483);
+        assert_eq!(r.bad_at, 100_000);
+        assert_eq!(r.found[..8], sent[34_517..34_525], "what came again");
+        let mut lost = sent.clone();
+        lost.remove(300_000);
+        assert_eq!(verify(&lost, 4096).bad_at, 300_000);
     }
 }

@@ -42,6 +42,8 @@ pub struct Joined {
     cookies: [u64; 2],
     /// What each socket had been given to send when joined (see [`written`]).
     written_at_join: [u64; 2],
+    /// What each socket had received and handed on when joined (see [`consumed`]).
+    consumed_at_join: [u64; 2],
     /// Whether the kernel carries the bytes; false when joining failed halfway and both sockets fell
     /// back to userspace.
     pub in_kernel: bool,
@@ -82,10 +84,15 @@ impl Splice {
             written(a).map_err(CaptureError::io("reading TCP_INFO"))?,
             written(b).map_err(CaptureError::io("reading TCP_INFO"))?,
         ];
+        let consumed_at_join = [
+            consumed(a).map_err(CaptureError::io("reading TCP_INFO"))?,
+            consumed(b).map_err(CaptureError::io("reading TCP_INFO"))?,
+        ];
         let mut joined = Joined {
             splice: self.clone(),
             cookies: [ca, cb],
             written_at_join,
+            consumed_at_join,
             in_kernel: true,
         };
         {
@@ -169,6 +176,21 @@ impl Joined {
     pub fn drained(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<bool> {
         let (given, into) = self.given_and_redirected(to, fd)?;
         Ok(given >= into + user)
+    }
+
+    /// Bytes the verdict redirected out of `from` since the join, plus the `user` bytes the agent read
+    /// from it, beyond what `from` received in that time: zero or less (its end of stream takes a
+    /// sequence number TCP counts as received) unless the verdict ran twice over received bytes.
+    /// Where [`Joined::surplus`] finds a socket given more than was redirected into it, this tells
+    /// whether the extra bytes came from the receiving side.
+    pub fn overcounted(&self, from: Side, fd: &impl AsRawFd, user: u64) -> io::Result<i64> {
+        let (ab, ba) = self.redirected();
+        let (out, base) = match from {
+            Side::A => (ab, self.consumed_at_join[0]),
+            Side::B => (ba, self.consumed_at_join[1]),
+        };
+        let received = tcp_info(fd)?.tcpi_bytes_received.saturating_sub(base);
+        Ok((out + user) as i64 - received as i64)
     }
 
     /// What `to` was given to send since the join, and what the kernel redirected into it.
@@ -258,6 +280,32 @@ fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
 /// one more once its FIN is queued (TCP numbers it like a byte). Read in that order, a concurrent
 /// acknowledgement can only make the sum low for a moment, never high.
 fn written(sock: &impl AsRawFd) -> io::Result<u64> {
+    let info = tcp_info(sock)?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + queued.max(0) as u64)
+}
+
+/// Bytes a TCP socket has received and no longer holds unread. Read in that order, bytes arriving
+/// in between can only make it low, so a check built on it errs towards silence.
+fn consumed(sock: &impl AsRawFd) -> io::Result<u64> {
+    let info = tcp_info(sock)?;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info
+        .tcpi_bytes_received
+        .saturating_sub(queued.max(0) as u64))
+}
+
+fn tcp_info(sock: &impl AsRawFd) -> io::Result<libc::tcp_info> {
     // SAFETY: an all-zero tcp_info is valid; the kernel fills at most `len` bytes of it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -274,11 +322,5 @@ fn written(sock: &impl AsRawFd) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one int.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info.tcpi_bytes_acked + queued.max(0) as u64)
+    Ok(info)
 }

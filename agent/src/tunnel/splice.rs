@@ -77,9 +77,6 @@ pub async fn splice(
             "closed by a policy change",
         )),
     };
-    if result.is_ok() {
-        pair.check_accounting();
-    }
     stats.settle_kernel();
     match result {
         Ok(()) => Outcome::Closed {
@@ -100,11 +97,14 @@ pub async fn splice(
 async fn relay(pair: &Pair<'_>, mut a: TcpStream, mut b: TcpStream) -> io::Result<()> {
     let mut ended = [false; 2];
     loop {
+        // Checked while the sockets are still open: their counters go with them.
         if !in_user(pair, &mut a, &mut b, &mut ended).await? {
+            pair.check_accounting();
             return Ok(());
         }
         let (sa, sb) = (a.into_std()?, b.into_std()?);
         let Some((from, pending)) = in_kernel(pair, [&sa, &sb], &mut ended).await? else {
+            pair.check_accounting();
             return Ok(());
         };
         a = TcpStream::from_std(sa)?;
@@ -361,9 +361,30 @@ impl Pair<'_> {
             return;
         }
         let (sent, received) = self.stats.in_user();
-        for (to, user) in [(Side::B, sent - at_join.0), (Side::A, received - at_join.1)] {
-            // SAFETY: the descriptor belongs to a stream that outlives the relay.
+        for (from, to, user) in [
+            (Side::A, Side::B, sent - at_join.0),
+            (Side::B, Side::A, received - at_join.1),
+        ] {
+            // SAFETY: the descriptors belong to streams that outlive the relay.
             let sock = unsafe { BorrowedFd::borrow_raw(self.fds[Self::index(to)]) };
+            let source = unsafe { BorrowedFd::borrow_raw(self.fds[Self::index(from)]) };
+            match joined.overcounted(from, &source, user) {
+                Ok(over) if over > 0 => {
+                    let (ab, ba) = joined.redirected();
+                    tracing::error!(
+                        side = ?from,
+                        over,
+                        user_since_join = user,
+                        redirected_ab = ab,
+                        redirected_ba = ba,
+                        "same-node fast path: the verdict carried more bytes than the socket received"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "same-node fast path: could not check the byte accounting")
+                }
+            }
             match joined.surplus(to, &sock, user) {
                 Ok(0) => {}
                 Ok(surplus) => {
@@ -377,7 +398,9 @@ impl Pair<'_> {
                         "same-node fast path: a socket was given bytes the relay did not account for"
                     );
                 }
-                Err(e) => tracing::debug!(error = %e, "checking the fast path's byte accounting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "same-node fast path: could not check the byte accounting")
+                }
             }
         }
     }

@@ -141,8 +141,13 @@ impl Bench {
         let mut cmd = self.pods(via).client.command(&self.bin);
         cmd.args(args);
         let out = run_with_timeout(cmd, timeout)
-            .with_context(|| format!("ferry-bench {} ({})", args.join(" "), via.name()))?;
-        Output::parse(&out)
+            .with_context(|| format!("ferry-bench {} ({})", args.join(" "), via.name()));
+        if out.is_err() && via == Via::Ferry {
+            // The agents log a connection (and check a joined one's byte counts) as it closes: give
+            // them a moment before the world is torn down, so kept logs show the failed round.
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Output::parse(&out?)
     }
     /// CPU seconds (user + system) of both mesh agents so far.
     fn agent_cpu(&self) -> Result<f64> {

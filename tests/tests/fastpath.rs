@@ -106,6 +106,7 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
     let first = t.world.spawn(srv, "first")?;
     first.wait_for_output("listening", Duration::from_secs(5))?;
     let before = events(&t.n1, "splice_redirected")?;
+    let checked_before = events(&t.n1, "splice_checked")?;
     let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
     // The end of a large echo races the kernel's sender: several of them, each a byte apart so the
     // access lines tell them apart, make a close misreported as an error show up in most runs.
@@ -249,6 +250,13 @@ fn fast_path_carries_bytes_intact_with_half_close_and_counts_them() -> Result<()
         .map(|l| l.0.to_string())
         .collect();
     assert!(mismatches.is_empty(), "{mismatches:#?}");
+    // And the checks ran: the large echoes outlast the join delay, so each of them was joined.
+    let checked = events(&t.n1, "splice_checked")? - checked_before;
+    assert!(
+        checked >= 5,
+        "only {checked} joined connections had their byte counts checked"
+    );
+    assert_eq!(events(&t.n1, "splice_mismatched")?, 0);
     Ok(())
 }
 

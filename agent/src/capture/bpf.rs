@@ -426,6 +426,11 @@ impl Capture {
                 .unwrap_or(0);
             out.insert(*name, sum);
         }
+        if let Some(splice) = &self.splice {
+            let (checked, mismatched) = splice.checks();
+            out.insert("splice_checked", checked);
+            out.insert("splice_mismatched", mismatched);
+        }
         out
     }
 }

@@ -13,7 +13,10 @@
 use std::{
     io,
     os::fd::AsRawFd,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::maps::{HashMap, MapData, MapError, SockHash};
@@ -27,6 +30,10 @@ const SO_COOKIE: libc::c_int = 57;
 pub struct Splice {
     sockets: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, SplicePeer>>,
+    /// Joined connections whose byte counts were checked when they ended, and of those, the ones
+    /// that did not add up (see [`Joined::record_check`]).
+    checked: AtomicU64,
+    mismatched: AtomicU64,
 }
 
 /// One of the two sockets of a joined pair.
@@ -60,6 +67,8 @@ impl Splice {
         Self {
             sockets: Mutex::new(sockets),
             peers: Mutex::new(peers),
+            checked: AtomicU64::new(0),
+            mismatched: AtomicU64::new(0),
         }
     }
 
@@ -148,7 +157,26 @@ impl Splice {
     }
 }
 
+impl Splice {
+    /// Joined connections checked at their end, and those whose counts did not add up.
+    pub fn checks(&self) -> (u64, u64) {
+        (
+            self.checked.load(Ordering::Relaxed),
+            self.mismatched.load(Ordering::Relaxed),
+        )
+    }
+}
+
 impl Joined {
+    /// Counts a finished check of this pair's bytes (`whole`: every count added up), for the
+    /// `splice_checked` and `splice_mismatched` capture events.
+    pub fn record_check(&self, whole: bool) {
+        self.splice.checked.fetch_add(1, Ordering::Relaxed);
+        if !whole {
+            self.splice.mismatched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Bytes the kernel carried so far: (`a` → `b`, `b` → `a`).
     pub fn redirected(&self) -> (u64, u64) {
         let Ok(peers) = self.splice.peers.lock() else {

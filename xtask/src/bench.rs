@@ -13,7 +13,7 @@ use std::{
     fmt::Write as _,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -146,8 +146,32 @@ impl Bench {
             // The agents log a connection (and check a joined one's byte counts) as it closes: give
             // them a moment before the world is torn down, so kept logs show the failed round.
             std::thread::sleep(Duration::from_secs(2));
+            self.save_tcp_counters();
         }
         Output::parse(&out?)
+    }
+    /// Every netns's TCP counters (`nstat -az`: retransmissions, D-SACKs, ...) into the world's
+    /// directory, which a failed run keeps: they go with the netns at teardown.
+    fn save_tcp_counters(&self) {
+        let dir = &self.world.dir;
+        let Some(prefix) = dir.file_name().and_then(|n| n.to_str()) else {
+            return;
+        };
+        let Ok(list) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        for ns in String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(prefix))
+        {
+            if let Ok(o) = Command::new("ip")
+                .args(["netns", "exec", ns, "nstat", "-az"])
+                .output()
+            {
+                let _ = std::fs::write(dir.join(format!("nstat-{ns}.txt")), o.stdout);
+            }
+        }
     }
     /// CPU seconds (user + system) of both mesh agents so far.
     fn agent_cpu(&self) -> Result<f64> {

@@ -155,9 +155,7 @@ impl Splice {
         }
         Ok(joined)
     }
-}
 
-impl Splice {
     /// Joined connections checked at their end, and those whose counts did not add up.
     pub fn checks(&self) -> (u64, u64) {
         (
@@ -308,29 +306,15 @@ fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
 /// one more once its FIN is queued (TCP numbers it like a byte). Read in that order, a concurrent
 /// acknowledgement can only make the sum low for a moment, never high.
 fn written(sock: &impl AsRawFd) -> io::Result<u64> {
-    let info = tcp_info(sock)?;
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one int.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info.tcpi_bytes_acked + queued.max(0) as u64)
+    let acked = tcp_info(sock)?.tcpi_bytes_acked;
+    Ok(acked + crate::netns::unsent_bytes(sock)?)
 }
 
 /// Bytes a TCP socket has received and no longer holds unread. Read in that order, bytes arriving
 /// in between can only make it low, so a check built on it errs towards silence.
 fn consumed(sock: &impl AsRawFd) -> io::Result<u64> {
-    let info = tcp_info(sock)?;
-    let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut queued) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info
-        .tcpi_bytes_received
-        .saturating_sub(queued.max(0) as u64))
+    let received = tcp_info(sock)?.tcpi_bytes_received;
+    Ok(received.saturating_sub(crate::netns::unread_bytes(sock)?))
 }
 
 fn tcp_info(sock: &impl AsRawFd) -> io::Result<libc::tcp_info> {

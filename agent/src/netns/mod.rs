@@ -180,6 +180,25 @@ pub fn socket_option_u64(sock: &impl AsRawFd, option: libc::c_int) -> io::Result
     Ok(value)
 }
 
+/// Bytes a socket has received and not yet handed to a reader (`FIONREAD`).
+pub fn unread_bytes(sock: &impl AsRawFd) -> io::Result<u64> {
+    queue_ioctl(sock, libc::FIONREAD)
+}
+
+/// Bytes a TCP socket was given to send and its peer has not acknowledged yet (`TIOCOUTQ`).
+pub fn unsent_bytes(sock: &impl AsRawFd) -> io::Result<u64> {
+    queue_ioctl(sock, libc::TIOCOUTQ)
+}
+
+fn queue_ioctl(sock: &impl AsRawFd, request: libc::Ioctl) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: both requests write one int.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -437,7 +437,7 @@ fn closed_reason(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> TunnelEr
 /// A loopback connection with `n` bytes queued at its reader, for tests of reads.
 #[cfg(test)]
 pub(crate) fn queued_loopback(n: usize) -> io::Result<(std::net::TcpStream, TcpStream)> {
-    use std::{io::Write, os::fd::AsRawFd};
+    use std::io::Write;
     let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     // Room for every byte without the reader reading: the test needs them all queued at once.
     listener.set_recv_buffer_size(1 << 20)?;
@@ -453,11 +453,7 @@ pub(crate) fn queued_loopback(n: usize) -> io::Result<(std::net::TcpStream, TcpS
     writer.write_all(&vec![7u8; n])?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let mut queued: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int.
-        if unsafe { libc::ioctl(reader.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let queued = crate::netns::unread_bytes(&reader)?;
         if queued as usize >= n {
             break;
         }

@@ -236,11 +236,10 @@ const EARLY_DATA: usize = 16 * 1024;
 /// What the app has sent so far (up to [`EARLY_DATA`]), left in its socket. Empty when it has sent
 /// nothing yet (a server-first protocol) or the socket cannot be read.
 fn peek_early(app: &TcpStream) -> Bytes {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    if unsafe { libc::ioctl(app.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 || queued <= 0 {
-        return Bytes::new();
-    }
+    let queued = match crate::netns::unread_bytes(app) {
+        Ok(n) if n > 0 => n,
+        _ => return Bytes::new(),
+    };
     // Sized by what is queued: a connection's task never holds a buffer of the full bound.
     let mut buf = vec![0u8; (queued as usize).min(EARLY_DATA)];
     // SAFETY: the buffer is valid for its length; MSG_PEEK leaves the bytes queued.

@@ -460,11 +460,10 @@ impl Pair<'_> {
 }
 
 /// Unread bytes in a socket's receive queue (`FIONREAD`); on error, as if some were queued.
-fn queued(fd: RawFd) -> libc::c_int {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
-    if rc != 0 { 1 } else { n }
+fn queued(fd: RawFd) -> u64 {
+    // SAFETY: the descriptor belongs to a stream that outlives the relay.
+    let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+    crate::netns::unread_bytes(&sock).unwrap_or(1)
 }
 
 /// Copies what `from` receives (`r`) into the other socket (`w`) until end of stream.

@@ -251,6 +251,13 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
     // Ready only now: a successor that is ready has every pod's listeners.
     let handoff_server = handoff::Server::bind(&cfg.handoff_socket)?;
     view.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Start-up (loading the eBPF object, minting certificates, the first enrollment) leaves freed
+    // heap that glibc would otherwise keep for good: 1.8 MB of an idle agent's 3.3 MB.
+    let released = crate::tunnel::conns::release_free_heap();
+    tracing::debug!(
+        released,
+        "gave the start-up's freed heap back to the kernel"
+    );
     tracing::info!(pods = daemon.pods.len(), admin = %cfg.admin.socket.display(), http = %cfg.admin.http, handoff = %cfg.handoff_socket.display(), "ready");
 
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);

@@ -162,14 +162,19 @@ impl ConnTable {
     }
 }
 
-/// Returns the allocator's free memory to the kernel.
 fn trim(live: usize, peak: usize) {
+    let released = release_free_heap();
+    tracing::debug!(live, peak, released, "gave freed heap back to the kernel");
+}
+
+/// Returns the allocator's free memory to the kernel; true when there was some to return.
+pub fn release_free_heap() -> bool {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim has no preconditions; it only returns free memory to the kernel.
-    let released = unsafe { libc::malloc_trim(0) };
+    let released = unsafe { libc::malloc_trim(0) } == 1;
     #[cfg(not(target_env = "gnu"))]
-    let released = 0;
-    tracing::debug!(live, peak, released, "gave freed heap back to the kernel");
+    let released = false;
+    released
 }
 
 #[cfg(test)]

@@ -329,7 +329,8 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
     let p = Params::new(quick);
     let out = out.unwrap_or_else(|| target_dir.join("bench"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let bin = bins.ferry.with_file_name("ferry-bench");
+    // The load generator comes with the test app (the host's release build); the agent may not.
+    let bin = bins.testapp.with_file_name("ferry-bench");
     if !bin.exists() {
         bail!(
             "{} is missing: the release build should have made it",
@@ -354,7 +355,13 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
         std::env::set_var("FERRY_BIN", &bins.ferry);
         std::env::set_var("FERRY_TESTAPP", &bins.testapp);
     }
-    progress(started, "building the test world");
+    progress(
+        started,
+        &format!(
+            "building the test world; agents run {}",
+            bins.ferry.display()
+        ),
+    );
     let mut b = setup(bin, opts.fast_path)?;
     // Memory of agents that have carried nothing yet, for comparison with idle after traffic.
     let fresh: Vec<u64> = b
@@ -365,6 +372,7 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
     progress(started, "world ready; request/response latency");
     let mut json_out = json!({
         "machine_at_start": machine(),
+        "agent_binary": bins.ferry.display().to_string(),
         "quick": quick,
         "fast_path": opts.fast_path,
         "only": opts.only,

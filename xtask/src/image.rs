@@ -57,7 +57,7 @@ fn ensure_buildah() -> Result<()> {
 }
 
 /// Builds the agent for [`TARGET`] with the C runtime linked in, and checks that it is static.
-fn build_static(root: &Path) -> Result<PathBuf> {
+pub fn build_static(root: &Path) -> Result<PathBuf> {
     let mut cmd = crate::cargo(root);
     cmd.args([
         "build",

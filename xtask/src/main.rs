@@ -102,7 +102,7 @@ fn run() -> Result<()> {
                 only,
                 fast_path,
             };
-            bench::run(&build(&root, true)?, &target_dir(&root), opts)
+            bench::run(&bench_bins(&root)?, &target_dir(&root), opts)
         }
         Cmd::Soak { conns } => soak::run(&build(&root, true)?, conns),
     }
@@ -171,6 +171,18 @@ fn build(root: &Path, release: bool) -> Result<Bins> {
         ferry: dir.join("ferry"),
         testapp: dir.join("ferry-testapp"),
     })
+}
+
+/// The bench's binaries: the agent as the image ships it (static; its memory is the one a node sees)
+/// unless `FERRY_BENCH_AGENT` names another build, the load generator and test app from the host's
+/// release build.
+fn bench_bins(root: &Path) -> Result<Bins> {
+    let mut bins = build(root, true)?;
+    bins.ferry = match std::env::var_os("FERRY_BENCH_AGENT") {
+        Some(path) => PathBuf::from(path),
+        None => image::build_static(root)?,
+    };
+    Ok(bins)
 }
 
 /// The fuzz targets (`agent/fuzz/fuzz_targets`) and how long each runs in the test suite: 60 s in all.
@@ -300,7 +312,7 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
             // The agents' default; the fast path has its own end-to-end tests.
             fast_path: false,
         };
-        bench::run(&release, &target_dir(root), opts)?;
+        bench::run(&bench_bins(root)?, &target_dir(root), opts)?;
         // The soak at a tenth of its full size: every connection must come back intact.
         soak::run(&release, 1_000)?;
     }

@@ -120,10 +120,18 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
     tokio::spawn(admin::serve(http, startup.clone(), async move {
         let _ = http_stopped.await;
     }));
-    let capture = Arc::new(match &ebpf_object {
-        Some(object) => Capture::open_object(&cfg, object)?,
-        None => Capture::open(&cfg)?,
+    // On a thread of its own: loading parses the kernel's BTF, megabytes of small allocations, and
+    // the freed ones glibc caches per thread would pin their heap pages for good. They go back to
+    // the heap when the thread ends, and the trim once ready returns the pages.
+    let capture = std::thread::scope(|s| {
+        s.spawn(|| match &ebpf_object {
+            Some(object) => Capture::open_object(&cfg, object),
+            None => Capture::open(&cfg),
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     });
+    let capture = Arc::new(capture?);
     tracing::info!(
         node = %cfg.node,
         bpffs_root = %cfg.bpffs_root.display(),

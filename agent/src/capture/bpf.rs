@@ -646,3 +646,47 @@ pub(super) fn cgroup_id(path: &Path) -> Result<u64, CaptureError> {
             path.display()
         )))
 }
+
+#[cfg(all(test, feature = "ebpf"))]
+mod tests {
+    use super::OBJECT;
+
+    /// Section names of a 64-bit little-endian ELF file.
+    fn section_names(elf: &[u8]) -> Vec<String> {
+        let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+        let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+        let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+        assert_eq!(
+            &elf[..6],
+            b"\x7fELF\x02\x01",
+            "not a 64-bit little-endian ELF file"
+        );
+        let (shoff, shentsize, shnum, shstrndx) =
+            (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+        let header = |i: usize| shoff + i * shentsize;
+        let strtab = u64_at(header(shstrndx) + 0x18);
+        (0..shnum)
+            .map(|i| {
+                let start = strtab + u32_at(header(i));
+                let len = elf[start..].iter().position(|&b| b == 0).unwrap();
+                String::from_utf8_lossy(&elf[start..start + len]).into_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_embedded_object_keeps_btf_and_drops_dwarf() {
+        let names = section_names(OBJECT);
+        for kept in [".BTF", ".BTF.ext", "maps"] {
+            assert!(
+                names.iter().any(|n| n == kept),
+                "{kept} missing from the embedded eBPF object: {names:?}"
+            );
+        }
+        let dwarf: Vec<&String> = names.iter().filter(|n| n.contains(".debug_")).collect();
+        assert!(
+            dwarf.is_empty(),
+            "the build should strip the embedded eBPF object's DWARF (see agent/build.rs), found {dwarf:?}"
+        );
+    }
+}

@@ -55,6 +55,10 @@ pub struct ConnTable {
     peak: AtomicUsize,
     /// When to give memory back once more after a shrink (see [`TRIM_FOLLOW_UP`]).
     follow_up: Mutex<Option<Instant>>,
+    /// Connections opened so far as of the last tick, and as of the last trim: a tick that finds no
+    /// connection open and none opened since the one before is a quiet one.
+    opened_at_tick: AtomicU64,
+    opened_at_trim: AtomicU64,
 }
 
 /// After the connections of a burst closed, the HBONE connections that carried them go a little later:
@@ -133,9 +137,14 @@ impl ConnTable {
     }
 
     /// Gives the heap memory of closed connections back to the kernel once at most half of the peak
-    /// is still open. glibc's allocator keeps freed memory of its per-thread arenas otherwise, so the
-    /// agent's RSS would stay at its peak after a burst of connections. Called from a periodic tick.
-    pub fn release_memory_if_shrunk(&self) {
+    /// is still open, or once the agent falls quiet after carrying anything (no connection open and
+    /// none opened since the last tick: a few connections can leave megabytes behind, a bulk
+    /// stream's grown buffers). glibc's allocator keeps freed memory of its per-thread arenas
+    /// otherwise, so the agent's RSS would stay at its peak. Called from a periodic tick; returns
+    /// whether it gave memory back.
+    pub fn release_memory_if_shrunk(&self) -> bool {
+        let opened = self.next.load(Ordering::Relaxed);
+        let quiet = self.opened_at_tick.swap(opened, Ordering::Relaxed) == opened;
         let live = match self.live.lock() {
             Ok(mut l) => {
                 // The table itself keeps room for its peak; a quarter full, it gives the rest back.
@@ -145,20 +154,25 @@ impl ConnTable {
                 }
                 len
             }
-            Err(_) => return,
+            Err(_) => return false,
         };
         let peak = self.peak.load(Ordering::Relaxed);
         let Ok(mut follow_up) = self.follow_up.lock() else {
-            return;
+            return false;
         };
-        if peak >= TRIM_MIN_PEAK && live <= peak / 2 {
+        let fell_quiet =
+            live == 0 && quiet && self.opened_at_trim.load(Ordering::Relaxed) != opened;
+        if (peak >= TRIM_MIN_PEAK && live <= peak / 2) || fell_quiet {
             self.peak.store(live, Ordering::Relaxed);
             *follow_up = Some(Instant::now() + TRIM_FOLLOW_UP);
-            trim(live, peak);
         } else if follow_up.is_some_and(|at| Instant::now() >= at) {
             *follow_up = None;
-            trim(live, peak);
+        } else {
+            return false;
         }
+        self.opened_at_trim.store(opened, Ordering::Relaxed);
+        trim(live, peak);
+        true
     }
 }
 
@@ -229,10 +243,47 @@ mod tests {
             "the due second trim ran, once"
         );
         assert!(table.is_empty());
+        assert!(
+            !table.release_memory_if_shrunk(),
+            "quiet, but nothing opened since the last trim"
+        );
         let again: Vec<Registered> = (0..80).map(|_| table.register(conn())).collect();
         assert_eq!(table.peak.load(Ordering::Relaxed), 80);
         drop(again);
         table.release_memory_if_shrunk();
         assert_eq!(table.peak.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn memory_is_released_once_the_agent_falls_quiet_after_any_traffic() {
+        let table = Arc::new(ConnTable::default());
+        assert!(!table.release_memory_if_shrunk(), "nothing carried yet");
+        let first = table.register(conn());
+        assert!(!table.release_memory_if_shrunk(), "a connection opened");
+        assert!(!table.release_memory_if_shrunk(), "one still open");
+        drop(first);
+        assert!(
+            table.release_memory_if_shrunk(),
+            "none open, none opened since the last tick"
+        );
+        assert!(
+            !table.release_memory_if_shrunk(),
+            "nothing carried since the trim"
+        );
+        // Connections that keep coming, one at a time: no trim while they do.
+        for _ in 0..3 {
+            drop(table.register(conn()));
+            assert!(
+                !table.release_memory_if_shrunk(),
+                "opened since the last tick"
+            );
+        }
+        assert!(table.release_memory_if_shrunk(), "quiet again");
+        *table.follow_up.lock().unwrap() = Some(Instant::now());
+        assert!(
+            table.release_memory_if_shrunk(),
+            "the second trim after falling quiet"
+        );
+        assert!(!table.release_memory_if_shrunk());
     }
 }

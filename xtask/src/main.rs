@@ -177,12 +177,18 @@ fn build(root: &Path, release: bool) -> Result<Bins> {
 /// unless `FERRY_BENCH_AGENT` names another build, the load generator and test app from the host's
 /// release build.
 fn bench_bins(root: &Path) -> Result<Bins> {
-    let mut bins = build(root, true)?;
-    bins.ferry = match std::env::var_os("FERRY_BENCH_AGENT") {
+    let ferry = match std::env::var_os("FERRY_BENCH_AGENT") {
         Some(path) => PathBuf::from(path),
         None => image::build_static(root)?,
     };
-    Ok(bins)
+    // Only the test crate's binaries: the host's own `ferry` would be one more LTO link for nothing.
+    let mut cmd = cargo(root);
+    cmd.args(["build", "--release", "--bins", "-p", "ferry-e2e"]);
+    status(cmd)?;
+    Ok(Bins {
+        ferry,
+        testapp: target_dir(root).join("release").join("ferry-testapp"),
+    })
 }
 
 /// The fuzz targets (`agent/fuzz/fuzz_targets`) and how long each runs in the test suite: 60 s in all.

@@ -370,42 +370,40 @@ impl Pair<'_> {
             // SAFETY: the descriptors belong to streams that outlive the relay.
             let sock = unsafe { BorrowedFd::borrow_raw(self.fds[Self::index(to)]) };
             let source = unsafe { BorrowedFd::borrow_raw(self.fds[Self::index(from)]) };
-            match joined.overcounted(from, &source, user) {
-                Ok(over) if over > 0 => {
-                    whole = false;
-                    let (ab, ba) = joined.redirected();
-                    tracing::error!(
-                        side = ?from,
-                        over,
-                        user_since_join = user,
-                        redirected_ab = ab,
-                        redirected_ba = ba,
-                        "same-node fast path: the verdict carried more bytes than the socket received"
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    ran = false;
-                    tracing::warn!(error = %e, "same-node fast path: could not check the byte accounting")
-                }
-            }
-            match joined.surplus(to, &sock, user) {
-                Ok(0) => {}
-                Ok(surplus) => {
-                    whole = false;
-                    let (ab, ba) = joined.redirected();
-                    tracing::error!(
-                        side = ?to,
-                        surplus,
-                        user_since_join = user,
-                        redirected_ab = ab,
-                        redirected_ba = ba,
-                        "same-node fast path: a socket was given bytes the relay did not account for"
-                    );
-                }
-                Err(e) => {
-                    ran = false;
-                    tracing::warn!(error = %e, "same-node fast path: could not check the byte accounting")
+            let findings = [
+                (
+                    from,
+                    joined
+                        .overcounted(from, &source, user)
+                        // At or below zero is whole: the FIN counts as received, not carried.
+                        .map(|over| over.max(0)),
+                    "the verdict carried more bytes than the socket received",
+                ),
+                (
+                    to,
+                    joined.surplus(to, &sock, user),
+                    "a socket was given bytes the relay did not account for",
+                ),
+            ];
+            for (side, found, what) in findings {
+                match found {
+                    Ok(0) => {}
+                    Ok(bytes) => {
+                        whole = false;
+                        let (ab, ba) = joined.redirected();
+                        tracing::error!(
+                            side = ?side,
+                            bytes,
+                            user_since_join = user,
+                            redirected_ab = ab,
+                            redirected_ba = ba,
+                            "same-node fast path: {what}"
+                        );
+                    }
+                    Err(e) => {
+                        ran = false;
+                        tracing::warn!(error = %e, "same-node fast path: could not check the byte accounting");
+                    }
                 }
             }
         }

@@ -561,7 +561,28 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
         pods = pod_scaling(&mut b, &p, started)?;
     }
 
-    let table = render(&rows, &cost, &conns, &pods);
+    let mut table = render(&rows, &cost, &conns, &pods);
+    // Whether the agent's code is laid out as profiled: without it an idle agent maps megabytes more.
+    let layout =
+        crate::workspace_root().and_then(|root| crate::link_order::coverage(&root, &bins.ferry));
+    match &layout {
+        Ok((present, listed)) => {
+            let _ = writeln!(
+                table,
+                "\nAgent binary {}: {present} of the {listed} functions of {} in it (placed together by the linker).",
+                bins.ferry.display(),
+                crate::link_order::FILE
+            );
+            json_out["link_order"] = json!({"listed": listed, "in_binary": present});
+        }
+        Err(e) => {
+            let _ = writeln!(
+                table,
+                "\nAgent binary {}: its code layout is unknown ({e:#}).",
+                bins.ferry.display()
+            );
+        }
+    }
     println!("{table}");
     let chart = svg(&curves);
     std::fs::write(out.join("latency.svg"), chart)?;

@@ -268,10 +268,10 @@ fn untar(file: &Path, into: &Path, compression: Option<&str>) -> Result<()> {
 }
 
 /// A directory removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new(label: &str) -> Result<Self> {
+    pub(crate) fn new(label: &str) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("{label}-{}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;

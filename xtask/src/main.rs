@@ -3,6 +3,7 @@ mod bench;
 mod demo;
 mod deploy_check;
 mod image;
+mod link_order;
 mod setup;
 mod soak;
 
@@ -61,6 +62,9 @@ enum Cmd {
         #[arg(long)]
         fast_path: bool,
     },
+    /// Profile the agent under callgrind and rewrite agent/link-order.txt, the functions the linker
+    /// places together (needs valgrind); after a toolchain or dependency update.
+    LinkOrder,
     /// Many concurrent connections through one pair of agents, bytes checked, agent memory measured.
     Soak {
         /// Concurrent connections (the test suite runs 1,000).
@@ -104,6 +108,7 @@ fn run() -> Result<()> {
             };
             bench::run(&bench_bins(&root)?, &target_dir(&root), opts)
         }
+        Cmd::LinkOrder => link_order::run(&root),
         Cmd::Soak { conns } => soak::run(&build(&root, true)?, conns),
     }
 }
@@ -154,6 +159,7 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
+#[derive(Clone)]
 pub struct Bins {
     pub ferry: PathBuf,
     pub testapp: PathBuf,
@@ -309,6 +315,7 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
     if args.is_empty() {
         deploy_check::run(root)?;
         image::run(root)?;
+        link_order::check(root, &image::build_static(root)?)?;
         // A smoke run: every scenario must produce numbers; how fast they are is not asserted.
         let release = build(root, true)?;
         let opts = bench::Options {

@@ -109,7 +109,7 @@ fn run() -> Result<()> {
             bench::run(&bench_bins(&root)?, &target_dir(&root), opts)
         }
         Cmd::LinkOrder => link_order::run(&root),
-        Cmd::Soak { conns } => soak::run(&build(&root, true)?, conns),
+        Cmd::Soak { conns } => soak::run(&bench_bins(&root)?, conns),
     }
 }
 
@@ -179,9 +179,9 @@ fn build(root: &Path, release: bool) -> Result<Bins> {
     })
 }
 
-/// The bench's binaries: the agent as the image ships it (static; its memory is the one a node sees)
-/// unless `FERRY_BENCH_AGENT` names another build, the load generator and test app from the host's
-/// release build.
+/// The bench's and the soak's binaries: the agent as the image ships it (static; its memory is the one
+/// a node sees) unless `FERRY_BENCH_AGENT` names another build, the load generator and test app from
+/// the host's release build.
 fn bench_bins(root: &Path) -> Result<Bins> {
     let ferry = match std::env::var_os("FERRY_BENCH_AGENT") {
         Some(path) => PathBuf::from(path),
@@ -317,7 +317,6 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
         image::run(root)?;
         link_order::check(root, &image::build_static(root)?)?;
         // A smoke run: every scenario must produce numbers; how fast they are is not asserted.
-        let release = build(root, true)?;
         let opts = bench::Options {
             quick: true,
             out: None,
@@ -327,7 +326,7 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
         };
         bench::run(&bench_bins(root)?, &target_dir(root), opts)?;
         // The soak at a tenth of its full size: every connection must come back intact.
-        soak::run(&release, 1_000)?;
+        soak::run(&bench_bins(root)?, 1_000)?;
     }
     Ok(())
 }

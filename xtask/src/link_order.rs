@@ -7,7 +7,7 @@
 //! passed by `agent/build.rs`), so those pages are the ones mapped.
 //!
 //! The list comes from callgrind: the bench's own world runs with every agent under valgrind, first
-//! start-up and enrolment (the bench's `pods` part), then traffic (`rr`, `churn`). Symbol names are
+//! start-up and enrolment (the bench's `pods` part), then traffic (`rr`, `churn`, `bulk`, `idle`). Symbol names are
 //! mangled with hashes that change with the toolchain, the dependencies' versions and the build flags,
 //! so the list is taken from the static build the image ships, and `cargo xtask test` fails once most
 //! of it no longer names functions of that build (see [`check`]).
@@ -41,7 +41,10 @@ pub fn run(root: &Path) -> Result<()> {
     let agent = bins.ferry.clone();
     let dir = TempDir::new("ferry-link-order")?;
     let mut phases = Vec::new();
-    for (phase, parts) in [("start", &["pods"][..]), ("traffic", &["rr", "churn"][..])] {
+    for (phase, parts) in [
+        ("start", &["pods"][..]),
+        ("traffic", &["rr", "churn", "bulk", "idle"][..]),
+    ] {
         let wrapper = dir.0.join(format!("agent-{phase}"));
         write_wrapper(&wrapper, &agent, &dir.0.join(phase))?;
         eprintln!(
@@ -76,12 +79,16 @@ pub fn run(root: &Path) -> Result<()> {
             !ran.is_empty(),
             "callgrind recorded no function of the agent in the {phase} phase"
         );
-        let listed = with_ifunc_siblings(&ran, &defined);
+        // Sorted: the order inside a phase does not matter to what is mapped, and a sorted list
+        // changes only where the profile did when it is taken again.
+        let mut listed: Vec<String> = with_ifunc_siblings(&ran, &defined)
+            .into_iter()
+            .filter(|name| defined.contains(name) && seen.insert(name.clone()))
+            .collect();
+        listed.sort();
         let _ = writeln!(out, "# {phase}");
         for name in listed {
-            if defined.contains(&name) && seen.insert(name.clone()) {
-                let _ = writeln!(out, "{name}");
-            }
+            let _ = writeln!(out, "{name}");
         }
     }
     let path = root.join(FILE);

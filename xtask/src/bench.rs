@@ -625,6 +625,9 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
             out.display()
         ),
     );
+    // Agents stop the way a node stops them (SIGTERM, drain, exit): a profiler wrapped around them
+    // (`cargo xtask link-order`) writes what they ran last only when they exit.
+    stop_agents(&b.agents);
     drop(b);
     eprintln!("bench: {:.1} s in all", started.elapsed().as_secs_f64());
     Ok(())
@@ -986,6 +989,7 @@ fn pod_scaling(b: &mut Bench, p: &Params, started: Instant) -> Result<Section> {
             "MISSED"
         },
     );
+    stop_agents(std::slice::from_ref(&agent));
     Ok(Section {
         md,
         json: json!({
@@ -995,6 +999,15 @@ fn pod_scaling(b: &mut Bench, p: &Params, started: Instant) -> Result<Section> {
             "note": note.trim(),
         }),
     })
+}
+
+/// SIGTERM to every agent, then waits for each to exit (an agent that does not is killed on drop).
+fn stop_agents(agents: &[Agent]) {
+    for a in agents {
+        if !a.terminate(Duration::from_secs(20)) {
+            eprintln!("bench: agent {} did not exit within 20 s of SIGTERM", a.pid);
+        }
+    }
 }
 
 /// Adds idle pods to `node` until there are `upto`; returns how long it took.

@@ -7,7 +7,8 @@
 //! passed by `agent/build.rs`), so those pages are the ones mapped.
 //!
 //! The list comes from callgrind: the bench's own world runs with every agent under valgrind, first
-//! start-up and enrolment (the bench's `pods` part), then traffic (`rr`, `churn`, `bulk`, `idle`). Symbol names are
+//! start-up and enrolment (the bench's `pods` part), then traffic (`rr`, `churn`, `bulk`, `idle`);
+//! what runs once the agents are told to stop comes last. Symbol names are
 //! mangled with hashes that change with the toolchain, the dependencies' versions and the build flags,
 //! so the list is taken from the static build the image ships, and `cargo xtask test` fails once most
 //! of it no longer names functions of that build (see [`check`]).
@@ -66,27 +67,46 @@ pub fn run(root: &Path) -> Result<()> {
         phases.push((phase, profiles(&dir.0, phase)?));
     }
     let defined = text_symbols(&agent)?;
-    let mut seen = HashSet::new();
-    let mut out = String::from(HEADER);
-    for (phase, files) in &phases {
+    // What each phase ran, and apart from it what the agents ran once told to stop: shutdown code
+    // runs once, at the end, and must not sit among the pages an idle agent keeps mapped.
+    let mut sections: Vec<(&str, Vec<String>)> = Vec::new();
+    let mut stopping = Vec::new();
+    for (phase, processes) in &phases {
         let mut ran = Vec::new();
-        for file in files {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            ran.extend(functions_run(&text));
+        for files in processes {
+            // From the dump the stop signal's handler is in on, what ran first is shutdown's (that
+            // dump also holds what ran just before the signal, which ran in earlier dumps too).
+            let mut stopped = false;
+            for file in files {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let names = functions_run(&text);
+                stopped = stopped || names.iter().any(|n| n.starts_with(STOP_HANDLER));
+                if stopped {
+                    stopping.extend(names);
+                } else {
+                    ran.extend(names);
+                }
+            }
         }
         ensure!(
             !ran.is_empty(),
             "callgrind recorded no function of the agent in the {phase} phase"
         );
-        // Sorted: the order inside a phase does not matter to what is mapped, and a sorted list
+        sections.push((phase, ran));
+    }
+    sections.push(("stop", stopping));
+    let mut seen = HashSet::new();
+    let mut out = String::from(HEADER);
+    for (section, ran) in &sections {
+        // Sorted: the order inside a section does not matter to what is mapped, and a sorted list
         // changes only where the profile did when it is taken again.
-        let mut listed: Vec<String> = with_ifunc_siblings(&ran, &defined)
+        let mut listed: Vec<String> = with_ifunc_siblings(ran, &defined)
             .into_iter()
             .filter(|name| defined.contains(name) && seen.insert(name.clone()))
             .collect();
         listed.sort();
-        let _ = writeln!(out, "# {phase}");
+        let _ = writeln!(out, "# {section}");
         for name in listed {
             let _ = writeln!(out, "{name}");
         }
@@ -143,7 +163,8 @@ pub fn check(root: &Path, binary: &Path) -> Result<()> {
 /// A script that runs `ferry … run …` (an agent) under callgrind and anything else (the CLI) as is.
 fn write_wrapper(path: &Path, agent: &Path, out_prefix: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    // The bench kills its agents at the end: a dump every million basic blocks keeps what ran before.
+    // A dump every million basic blocks: what ran should an agent be killed, and a timeline that
+    // tells shutdown (from the dump holding the stop signal's handler on) from the rest.
     let script = format!(
         "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = run ]; then\n    exec valgrind --tool=callgrind --demangle=no --dump-instr=no --dump-every-bb=1000000 --callgrind-out-file='{}.%p' '{}' \"$@\"\n  fi\ndone\nexec '{}' \"$@\"\n",
         out_prefix.display(),
@@ -155,23 +176,42 @@ fn write_wrapper(path: &Path, agent: &Path, out_prefix: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The callgrind files of one phase, in a stable order.
-fn profiles(dir: &Path, phase: &str) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{phase}.")))
-        })
-        .collect();
-    files.sort();
+/// The signal handler tokio installs (signal-hook-registry's), which runs only when the agent is told
+/// to stop; a prefix of its mangled name, whose hash varies.
+const STOP_HANDLER: &str = "_ZN20signal_hook_registry7handler";
+
+/// The callgrind files of one phase, per agent process, each in the order they were written:
+/// `<phase>.<pid>.<n>` as the run went, then `<phase>.<pid>` at exit.
+fn profiles(dir: &Path, phase: &str) -> Result<Vec<Vec<PathBuf>>> {
+    let mut by_pid: std::collections::BTreeMap<u32, Vec<(u32, PathBuf)>> = Default::default();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(&format!("{phase}.")) else {
+            continue;
+        };
+        let (pid, n) = match rest.split_once('.') {
+            Some((pid, n)) => (pid.parse().ok(), n.parse().ok()),
+            None => (rest.parse().ok(), Some(u32::MAX)),
+        };
+        if let (Some(pid), Some(n)) = (pid, n) {
+            by_pid.entry(pid).or_default().push((n, path));
+        }
+    }
     ensure!(
-        !files.is_empty(),
+        !by_pid.is_empty(),
         "no callgrind output for the {phase} phase in {}",
         dir.display()
     );
-    Ok(files)
+    Ok(by_pid
+        .into_values()
+        .map(|mut files| {
+            files.sort();
+            files.into_iter().map(|(_, p)| p).collect()
+        })
+        .collect())
 }
 
 /// Function names in a callgrind file, in order of first mention. The format names a function once,
@@ -280,6 +320,39 @@ cfn=(1)
                 "__memmove_avx_unaligned_erms",
             ]
         );
+    }
+
+    #[test]
+    fn profiles_are_grouped_per_process_in_the_order_callgrind_wrote_them() {
+        let dir = TempDir::new("ferry-link-order-test").expect("temp dir");
+        for name in [
+            "start.12.2",
+            "start.12.10",
+            "start.12",
+            "start.7.1",
+            "traffic.12.1",
+            "start.notapid",
+        ] {
+            std::fs::write(dir.0.join(name), "").expect("write");
+        }
+        let names: Vec<Vec<String>> = profiles(&dir.0, "start")
+            .expect("profiles")
+            .into_iter()
+            .map(|files| {
+                files
+                    .iter()
+                    .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                vec!["start.7.1"],
+                vec!["start.12.2", "start.12.10", "start.12"]
+            ]
+        );
+        assert!(profiles(&dir.0, "stop").is_err());
     }
 
     #[test]

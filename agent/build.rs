@@ -88,7 +88,7 @@ fn strip_debug_info(object: &std::path::Path) {
 
 /// Places the functions an agent runs (`link-order.txt`, from `cargo xtask link-order`) together at
 /// the front of `.text`. The kernel maps a binary's code in 64 KiB windows around each fault: scattered
-/// over 11 MB, the code of start-up kept 5.4 MB of it resident; together, 2 MB. Only where rustc links
+/// over 11 MB, the code of start-up kept 5.9 MB of it mapped; together, 2 MB. Only where rustc links
 /// with its own lld (its default for x86_64-unknown-linux-gnu); `FERRY_LINK_ORDER=0` leaves it out, for
 /// another linker. Names the binary lacks (a stale list, another build's hashes) are skipped silently:
 /// `cargo xtask test` checks the list against the image's build.

@@ -446,6 +446,13 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
         };
         let end = seq.wrapping_add(len as u32);
         let repeated = (*entry).next_seq.wrapping_sub(seq) as i32;
+        // A receive buffer sits within a receive window of where the verdict left off (ahead of it
+        // only by what arrived while the agent joined the pair). Anything farther was not a header.
+        if !(-PLAUSIBLE_SEQ_GAP..=PLAUSIBLE_SEQ_GAP).contains(&repeated) {
+            (*entry).passed = 1;
+            count_splice(splice_counters::PASSED);
+            return sk_action::SK_PASS;
+        }
         if repeated > 0 {
             count_splice(splice_counters::REPEAT_CUT);
             if repeated as u64 >= len {
@@ -471,6 +478,10 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
     count_splice(splice_counters::PASSED);
     sk_action::SK_PASS
 }
+
+/// How far (bytes) a buffer's sequence number may lie from the verdict's next one: more than any
+/// receive window a joined socket has.
+const PLAUSIBLE_SEQ_GAP: i32 = 1 << 24;
 
 /// The TCP sequence number of a buffer's first byte, from its TCP header: on the receive path the
 /// header still lies just before the payload, in the buffer's head. The header is found by its data

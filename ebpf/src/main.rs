@@ -21,10 +21,7 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, bpf_sock_addr, sk_action},
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-        bpf_probe_read_kernel,
-    },
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
@@ -435,41 +432,9 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
         if (*entry).passed != 0 {
             return sk_action::SK_PASS;
         }
-        // TCP queues a retransmitted segment that overlaps bytes already received whole, and the
-        // verdict is handed whole buffers: its head, carried once already, must not be carried again
-        // (`tcp_recvmsg` skips it; nothing does here). A buffer whose start cannot be read goes to
-        // userspace, as does everything after it.
-        let Some(seq) = buffer_seq(&ctx) else {
-            (*entry).passed = 1;
-            count_splice(splice_counters::PASSED);
-            return sk_action::SK_PASS;
-        };
-        let end = seq.wrapping_add(len as u32);
-        let repeated = (*entry).next_seq.wrapping_sub(seq) as i32;
-        // A receive buffer sits within a receive window of where the verdict left off (ahead of it
-        // only by what arrived while the agent joined the pair). Anything farther was not a header.
-        if !(-PLAUSIBLE_SEQ_GAP..=PLAUSIBLE_SEQ_GAP).contains(&repeated) {
-            (*entry).passed = 1;
-            count_splice(splice_counters::PASSED);
-            return sk_action::SK_PASS;
-        }
-        if repeated > 0 {
-            count_splice(splice_counters::REPEAT_CUT);
-            if repeated as u64 >= len {
-                return sk_action::SK_DROP;
-            }
-            if !cut_head(&ctx, repeated as u32) {
-                // The head could not be cut (no memory): neither path can carry this buffer right.
-                // Dropped, the connection's end-of-stream check reports the bytes missing.
-                (*entry).passed = 1;
-                return sk_action::SK_DROP;
-            }
-        }
-        let len = ctx.len() as u64;
         let mut peer = (*entry).peer;
         if FERRY_SPLICE.redirect_skb(&ctx, &mut peer, 0) as u32 == sk_action::SK_PASS {
             (*entry).redirected += len;
-            (*entry).next_seq = end;
             count_splice(splice_counters::REDIRECTED);
             return sk_action::SK_PASS;
         }
@@ -477,52 +442,6 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
     }
     count_splice(splice_counters::PASSED);
     sk_action::SK_PASS
-}
-
-/// How far (bytes) a buffer's sequence number may lie from the verdict's next one: more than any
-/// receive window a joined socket has.
-const PLAUSIBLE_SEQ_GAP: i32 = 1 << 24;
-
-/// The TCP sequence number of a buffer's first byte, from its TCP header: on the receive path the
-/// header still lies just before the payload, in the buffer's head. The header is found by its data
-/// offset (which must point at the payload), its destination port (this socket's) and its ACK flag.
-#[inline(always)]
-fn buffer_seq(ctx: &SkBuffContext) -> Option<u32> {
-    const MAX_HDR: usize = 60;
-    let data = unsafe { (*ctx.skb.skb).data } as usize;
-    let before = unsafe { bpf_probe_read_kernel((data - MAX_HDR) as *const [u8; MAX_HDR]) }.ok()?;
-    let port = ctx.skb.local_port() as u16;
-    let mut doff = 5;
-    while doff <= 15 {
-        let at = MAX_HDR - doff * 4;
-        let h = before.get(at..at + 14)?;
-        if usize::from(h[12] >> 4) == doff
-            && u16::from_be_bytes([h[2], h[3]]) == port
-            && h[13] & 0x10 != 0
-        {
-            return Some(u32::from_be_bytes([h[4], h[5], h[6], h[7]]));
-        }
-        doff += 1;
-    }
-    None
-}
-
-/// Cuts `n` bytes off the front of the buffer; the helper cuts at most 4,095 at a time.
-#[inline(always)]
-fn cut_head(ctx: &SkBuffContext, n: u32) -> bool {
-    const STEP: u32 = 4095;
-    let mut left = n;
-    let mut i = 0;
-    // 65,535 bytes (the largest loopback buffer) in steps of 4,095: 17 steps.
-    while i < 17 && left > 0 {
-        let step = if left > STEP { STEP } else { left };
-        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
-            return false;
-        }
-        left -= step;
-        i += 1;
-    }
-    left == 0
 }
 
 #[cfg(not(test))]

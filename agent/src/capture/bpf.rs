@@ -136,7 +136,7 @@ impl Capture {
         };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(maps_dir(&root))
-            .set_global("SKB_CB_OFFSET", &skb_cb_offset, true)
+            .override_global("SKB_CB_OFFSET", &skb_cb_offset, true)
             .load(object)
             .map_err(CaptureError::bpf("loading the eBPF object"))?;
 

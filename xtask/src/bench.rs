@@ -113,6 +113,8 @@ struct Bench {
     mesh: Trio,
     plain: Trio,
     agents: Vec<Agent>,
+    /// The node of the client and the same-node server (its agent joins same-node pairs).
+    n1: Node,
 }
 
 struct Trio {
@@ -562,6 +564,28 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
     }
 
     let mut table = render(&rows, &cost, &conns, &pods);
+    if opts.fast_path {
+        // What the kernel did for the same-node pairs: the figures behind the fast path's ratios,
+        // and its guards (a repeated head cut, a fallback, a count that did not add up).
+        let events = [
+            "splice_redirected",
+            "splice_repeat_cut",
+            "splice_passed",
+            "splice_checked",
+            "splice_mismatched",
+        ];
+        let mut counts = serde_json::Map::new();
+        let mut line = String::from("\nFast path, node n1's agent:");
+        for e in events {
+            let n =
+                b.n1.metric("ferry_capture_events_total", &[("event", e)])
+                    .unwrap_or(f64::NAN);
+            let _ = write!(line, " {e} {n}");
+            counts.insert(e.into(), json!(n));
+        }
+        let _ = writeln!(table, "{line}");
+        json_out["fast_path_events"] = Value::Object(counts);
+    }
     // Whether the agent's code is laid out as profiled: without it an idle agent maps megabytes more.
     let layout =
         crate::workspace_root().and_then(|root| crate::link_order::coverage(&root, &bins.ferry));
@@ -724,6 +748,7 @@ fn setup(bin: PathBuf, fast_path: bool) -> Result<Bench> {
         mesh,
         plain,
         agents,
+        n1,
     })
 }
 

@@ -133,18 +133,8 @@ pub struct SplicePeer {
     /// in `FERRY_SPLICE`): from then on every byte of this socket goes to userspace, so bytes never
     /// overtake each other between the two paths.
     pub passed: u32,
-    /// The TCP sequence number of the next byte this socket's verdict has not carried yet: set by the
-    /// agent at the join (the first byte it has not read), advanced by the verdict.
-    /// A buffer that starts before it repeats bytes already carried — a retransmission overlapping
-    /// received data, which TCP queues whole — and loses that head before it is redirected.
-    pub next_seq: u32,
+    pub _pad: u32,
 }
-
-/// `SplicePeer::passed`: the socket's bytes go to userspace from now on.
-pub const SPLICE_PASSED: u32 = 1;
-/// `SplicePeer::passed`: `next_seq` was set at the join, so the verdict cuts repeated heads. Entries a
-/// predecessor agent made without it are carried without the guard, as that agent did.
-pub const SPLICE_GUARDED: u32 = 2;
 
 /// Indices of the per-CPU counters in `FERRY_COUNTERS`.
 pub mod counters {
@@ -172,14 +162,10 @@ pub mod counters {
 pub mod splice_counters {
     /// Socket buffers the fast path sent on in the kernel.
     pub const REDIRECTED: u32 = 0;
-    /// Fast-path sockets that fell back to userspace (the peer socket was gone, or a buffer's TCP
-    /// header could not be read).
+    /// Fast-path sockets that fell back to userspace (the peer socket was gone).
     pub const PASSED: u32 = 1;
-    /// Socket buffers that repeated bytes already carried, in whole (dropped) or at their head (cut).
-    pub const REPEAT_CUT: u32 = 2;
-    pub const COUNT: u32 = 3;
-    pub const NAMES: [&str; COUNT as usize] =
-        ["splice_redirected", "splice_passed", "splice_repeat_cut"];
+    pub const COUNT: u32 = 2;
+    pub const NAMES: [&str; COUNT as usize] = ["splice_redirected", "splice_passed"];
 }
 
 #[cfg(feature = "user")]

@@ -21,18 +21,14 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, bpf_sock_addr, sk_action},
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-        bpf_probe_read_kernel,
-    },
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use ferry_common::{
     DeliveryKey, FAMILY_V4, FAMILY_V6, OrigDst, PodEntry, RawAddr, SOCK_KIND_HBONE,
-    SOCK_KIND_INBOUND, SPLICE_GUARDED, SPLICE_PASSED, Settings, SocketKey, SplicePeer, TupleKey,
-    counters, splice_counters,
+    SOCK_KIND_INBOUND, Settings, SocketKey, SplicePeer, TupleKey, counters, splice_counters,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -433,98 +429,19 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
     unsafe {
         // Once anything went to userspace, everything does: a later redirected byte must not overtake
         // a byte still waiting for the agent to read it.
-        if (*entry).passed & SPLICE_PASSED != 0 {
+        if (*entry).passed != 0 {
             return sk_action::SK_PASS;
         }
-        // TCP queues a retransmitted segment that overlaps bytes already received whole, and the
-        // verdict is handed whole buffers: its head, carried once already, must not be carried again
-        // (`tcp_recvmsg` skips it; nothing does here). A buffer whose start cannot be read goes to
-        // userspace, as does everything after it.
-        let guarded = (*entry).passed & SPLICE_GUARDED != 0;
-        let seq = if guarded {
-            buffer_seq(&ctx)
-        } else {
-            Some((*entry).next_seq)
-        };
-        let Some(seq) = seq else {
-            (*entry).passed = SPLICE_PASSED;
-            count_splice(splice_counters::PASSED);
-            return sk_action::SK_PASS;
-        };
-        let end = seq.wrapping_add(len as u32);
-        let repeated = (*entry).next_seq.wrapping_sub(seq) as i32;
-        // A receive buffer sits within a receive window of where the verdict left off (ahead of it
-        // only by what arrived while the agent joined the pair). Anything farther is not understood:
-        // userspace takes over rather than cutting on a guess.
-        if !(-PLAUSIBLE_SEQ_GAP..=PLAUSIBLE_SEQ_GAP).contains(&repeated) {
-            (*entry).passed = SPLICE_PASSED;
-            count_splice(splice_counters::PASSED);
-            return sk_action::SK_PASS;
-        }
-        if repeated > 0 {
-            count_splice(splice_counters::REPEAT_CUT);
-            if repeated as u64 >= len {
-                return sk_action::SK_DROP;
-            }
-            if !cut_head(&ctx, repeated as u32) {
-                // The head could not be cut (no memory): neither path can carry this buffer right.
-                // Dropped, the connection's end-of-stream check reports the bytes missing.
-                (*entry).passed = SPLICE_PASSED;
-                return sk_action::SK_DROP;
-            }
-        }
-        let len = ctx.len() as u64;
         let mut peer = (*entry).peer;
         if FERRY_SPLICE.redirect_skb(&ctx, &mut peer, 0) as u32 == sk_action::SK_PASS {
             (*entry).redirected += len;
-            (*entry).next_seq = end;
             count_splice(splice_counters::REDIRECTED);
             return sk_action::SK_PASS;
         }
-        (*entry).passed = SPLICE_PASSED;
+        (*entry).passed = 1;
     }
     count_splice(splice_counters::PASSED);
     sk_action::SK_PASS
-}
-
-/// How far (bytes) a buffer's sequence number may lie from the verdict's next one: more than any
-/// receive window a joined socket has.
-const PLAUSIBLE_SEQ_GAP: i32 = 1 << 24;
-
-/// Where `cb` lies in the kernel's `struct sk_buff` (bytes), from its BTF, set by the agent at load
-/// time; 0: unknown. `cb` opens with `struct tcp_skb_cb`, whose first field is the buffer's starting
-/// sequence number — the one `tcp_recvmsg` measures what it already delivered against.
-#[unsafe(no_mangle)]
-static SKB_CB_OFFSET: u32 = 0;
-
-/// The TCP sequence number of a buffer's first byte (`TCP_SKB_CB(skb)->seq`). The context is the
-/// kernel's `struct sk_buff`; `__sk_buff` does not expose this part of `cb`, so it is read directly.
-#[inline(always)]
-fn buffer_seq(ctx: &SkBuffContext) -> Option<u32> {
-    let offset = unsafe { read_volatile(&SKB_CB_OFFSET) } as usize;
-    if offset == 0 {
-        return None;
-    }
-    let skb = ctx.skb.skb as usize;
-    unsafe { bpf_probe_read_kernel((skb + offset) as *const u32) }.ok()
-}
-
-/// Cuts `n` bytes off the front of the buffer; the helper cuts at most 4,095 at a time.
-#[inline(always)]
-fn cut_head(ctx: &SkBuffContext, n: u32) -> bool {
-    const STEP: u32 = 4095;
-    let mut left = n;
-    let mut i = 0;
-    // 65,535 bytes (the largest loopback buffer) in steps of 4,095: 17 steps.
-    while i < 17 && left > 0 {
-        let step = if left > STEP { STEP } else { left };
-        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
-            return false;
-        }
-        left -= step;
-        i += 1;
-    }
-    left == 0
 }
 
 #[cfg(not(test))]

@@ -566,10 +566,9 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
     let mut table = render(&rows, &cost, &conns, &pods);
     if opts.fast_path {
         // What the kernel did for the same-node pairs: the figures behind the fast path's ratios,
-        // and its guards (a repeated head cut, a fallback, a count that did not add up).
+        // and its checks (a fallback, a count that did not add up).
         let events = [
             "splice_redirected",
-            "splice_repeat_cut",
             "splice_passed",
             "splice_checked",
             "splice_mismatched",

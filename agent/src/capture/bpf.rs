@@ -124,19 +124,8 @@ impl Capture {
                 .map_err(CaptureError::io(format!("creating {}", dir.display())))?;
         }
         check_pinned_layouts(&maps_dir(&root))?;
-        // The fast path's verdict reads each buffer's TCP sequence number out of `struct sk_buff`,
-        // whose layout only the kernel's BTF tells. Without it the fast path is unavailable.
-        let skb_cb = cfg
-            .capture
-            .fast_path
-            .then(|| super::btf::kernel_member_offset("sk_buff", "cb"));
-        let skb_cb_offset: u32 = match &skb_cb {
-            Some(Ok(offset)) => *offset,
-            _ => 0,
-        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(maps_dir(&root))
-            .override_global("SKB_CB_OFFSET", &skb_cb_offset, true)
             .load(object)
             .map_err(CaptureError::bpf("loading the eBPF object"))?;
 
@@ -160,16 +149,10 @@ impl Capture {
         // The fast path is an optimisation: if its program does not load, connections are relayed in
         // userspace as before.
         let verdict_loaded = if cfg.capture.fast_path {
-            let loaded = match skb_cb {
-                Some(Err(e)) => Err(CaptureError::Bpf {
-                    what: "reading struct sk_buff's layout from the kernel's BTF".into(),
-                    message: e.to_string(),
-                }),
-                _ => program::<SkSkb>(&mut ebpf, programs::SPLICE_VERDICT).and_then(|p| {
-                    p.load()
-                        .map_err(CaptureError::bpf("loading ferry_splice_verdict"))
-                }),
-            };
+            let loaded = program::<SkSkb>(&mut ebpf, programs::SPLICE_VERDICT).and_then(|p| {
+                p.load()
+                    .map_err(CaptureError::bpf("loading ferry_splice_verdict"))
+            });
             Some(loaded)
         } else {
             None

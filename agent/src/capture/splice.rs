@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, MapError, SockHash};
-use ferry_common::{SPLICE_GUARDED, SPLICE_PASSED, SplicePeer};
+use ferry_common::SplicePeer;
 
 use super::CaptureError;
 
@@ -97,11 +97,6 @@ impl Splice {
             consumed(a).map_err(CaptureError::io("reading TCP_INFO"))?,
             consumed(b).map_err(CaptureError::io("reading TCP_INFO"))?,
         ];
-        // Where each socket's verdict starts: the first byte the agent has not read.
-        let next_seq = [
-            unread_seq(a).map_err(CaptureError::io("reading TCP_QUEUE_SEQ"))?,
-            unread_seq(b).map_err(CaptureError::io("reading TCP_QUEUE_SEQ"))?,
-        ];
         let mut joined = Joined {
             splice: self.clone(),
             cookies: [ca, cb],
@@ -114,15 +109,13 @@ impl Splice {
                 .peers
                 .lock()
                 .map_err(|_| super::bpf::poisoned("FERRY_SPLICE_PEERS"))?;
-            let entry = |peer, next_seq| SplicePeer {
+            let entry = |peer| SplicePeer {
                 peer,
-                next_seq,
-                passed: SPLICE_GUARDED,
                 ..SplicePeer::default()
             };
             peers
-                .insert(ca, entry(cb, next_seq[0]), 0)
-                .and_then(|()| peers.insert(cb, entry(ca, next_seq[1]), 0))
+                .insert(ca, entry(cb), 0)
+                .and_then(|()| peers.insert(cb, entry(ca), 0))
                 .map_err(CaptureError::bpf("joining in FERRY_SPLICE_PEERS"))?;
         }
         let mut sockets = self
@@ -197,12 +190,9 @@ impl Joined {
         let Ok(peers) = self.splice.peers.lock() else {
             return true;
         };
-        self.cookies.iter().any(|c| {
-            peers
-                .get(c, 0)
-                .map(|e| e.passed & SPLICE_PASSED != 0)
-                .unwrap_or(true)
-        })
+        self.cookies
+            .iter()
+            .any(|c| peers.get(c, 0).map(|e| e.passed != 0).unwrap_or(true))
     }
 
     /// Whether `to` has taken, into its send queue or already acknowledged, every byte the kernel
@@ -254,7 +244,7 @@ impl Joined {
             for (i, c) in self.cookies.iter().enumerate() {
                 let entry = SplicePeer {
                     peer: self.cookies[1 - i],
-                    passed: SPLICE_PASSED,
+                    passed: 1,
                     ..SplicePeer::default()
                 };
                 let _ = peers.insert(c, entry, 0);
@@ -325,65 +315,6 @@ fn written(sock: &impl AsRawFd) -> io::Result<u64> {
 fn consumed(sock: &impl AsRawFd) -> io::Result<u64> {
     let received = tcp_info(sock)?.tcpi_bytes_received;
     Ok(received.saturating_sub(crate::netns::unread_bytes(sock)?))
-}
-
-/// The TCP sequence number of the first byte of `sock` the agent has not read: the next one TCP
-/// expects (`rcv_nxt`, read in repair mode) less what waits unread (`FIONREAD`), read in that order.
-/// Bytes arriving in between make it low, never high: the verdict then does not recognise a repeat
-/// within them, whereas a value too high would have it cut bytes never carried.
-fn unread_seq(sock: &impl AsRawFd) -> io::Result<u32> {
-    let next = receive_seq(sock)?;
-    let unread = crate::netns::unread_bytes(sock)?;
-    Ok(next.wrapping_sub(unread as u32))
-}
-
-/// The TCP sequence number of the next byte `sock` expects (`rcv_nxt`), read in repair mode
-/// (`TCP_REPAIR`, CAP_NET_ADMIN), which is left again without the window probe leaving it sends.
-/// Repair mode only holds the socket's own sending for the three calls; received bytes are queued.
-fn receive_seq(sock: &impl AsRawFd) -> io::Result<u32> {
-    const TCP_RECV_QUEUE: libc::c_int = 1;
-    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
-    let fd = sock.as_raw_fd();
-    let set = |opt: libc::c_int, val: libc::c_int| -> io::Result<()> {
-        // SAFETY: an int option with its length.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                opt,
-                (&val as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
-    set(libc::TCP_REPAIR, 1)?;
-    let seq = set(libc::TCP_REPAIR_QUEUE, TCP_RECV_QUEUE).and_then(|()| {
-        let mut seq: u32 = 0;
-        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
-        // SAFETY: a u32 buffer with its length.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_QUEUE_SEQ,
-                (&mut seq as *mut u32).cast(),
-                &mut len,
-            )
-        };
-        if rc == 0 {
-            Ok(seq)
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    });
-    // Out of repair mode whatever happened: a socket left in it would send nothing more.
-    set(libc::TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
-    seq
 }
 
 fn tcp_info(sock: &impl AsRawFd) -> io::Result<libc::tcp_info> {

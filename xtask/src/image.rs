@@ -18,7 +18,8 @@ const IMAGE: &str = concat!("localhost/ferry:", env!("CARGO_PKG_VERSION"));
 /// a full copy per layer, is nothing for a one-layer image.
 const STORAGE: &str = "--storage-driver=vfs";
 
-pub fn run(root: &Path) -> Result<()> {
+/// Builds and checks the image; returns the static agent binary it holds.
+pub fn run(root: &Path) -> Result<PathBuf> {
     let started = Instant::now();
     ensure_buildah()?;
     let binary = build_static(root)?;
@@ -30,7 +31,7 @@ pub fn run(root: &Path) -> Result<()> {
         archive.display(),
         started.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(binary)
 }
 
 fn ensure_buildah() -> Result<()> {
@@ -92,26 +93,15 @@ pub fn build_static(root: &Path) -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// Whether a 64-bit little-endian ELF file has a `PT_INTERP` program header (a dynamic loader).
+/// Whether an ELF file has a `PT_INTERP` program header (a dynamic loader).
 fn has_interpreter(elf: &[u8]) -> Result<bool> {
-    const PT_INTERP: u32 = 3;
-    ensure!(
-        elf.len() >= 64 && elf[..4] == *b"\x7fELF" && elf[4] == 2 && elf[5] == 1,
-        "not a 64-bit little-endian ELF file"
-    );
-    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into()?) as usize;
-    let (entsize, count) = (u16_at(0x36), u16_at(0x38));
-    for i in 0..count {
-        let at = phoff + i * entsize;
-        let p_type = elf
-            .get(at..at + 4)
-            .context("program header out of bounds")?;
-        if u32::from_le_bytes(p_type.try_into()?) == PT_INTERP {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    use object::read::elf::{ElfFile64, ProgramHeader};
+    let file = ElfFile64::<object::Endianness>::parse(elf).context("not a 64-bit ELF file")?;
+    let endian = file.endian();
+    Ok(file
+        .elf_program_headers()
+        .iter()
+        .any(|h| h.p_type(endian) == object::elf::PT_INTERP))
 }
 
 /// Builds the image from deploy/Containerfile in a context holding only the binary, pushes it to the

@@ -386,6 +386,20 @@ cfn=(1)
     }
 
     #[test]
+    fn a_binary_the_list_was_not_taken_from_is_called_stale() {
+        // This test binary is not the agent: next to none of the agent's functions are in it.
+        let root = crate::workspace_root().expect("workspace root");
+        let me = std::env::current_exe().expect("test binary");
+        let (present, listed) = coverage(&root, &me).expect("coverage");
+        assert!(
+            listed > 500 && present * 4 < listed,
+            "{present} of {listed}"
+        );
+        let err = check(&root, &me).expect_err("a stale list fails the check");
+        assert!(err.to_string().contains("cargo xtask link-order"), "{err}");
+    }
+
+    #[test]
     fn the_checked_in_list_is_a_list_of_mangled_names() {
         // Whatever the build, the file lld reads must hold symbol names only, one per line, and
         // comments: a stray path or a demangled name would silently order nothing.

@@ -92,7 +92,7 @@ fn run() -> Result<()> {
             let bins = build(&root, true)?;
             demo::run(&bins)
         }
-        Cmd::Image => image::run(&root),
+        Cmd::Image => image::run(&root).map(drop),
         Cmd::DeployCheck => deploy_check::run(&root),
         Cmd::Bench {
             quick,
@@ -314,8 +314,9 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
     // Only for the whole suite, not a filtered run.
     if args.is_empty() {
         deploy_check::run(root)?;
-        image::run(root)?;
-        link_order::check(root, &image::build_static(root)?)?;
+        let shipped = image::run(root)?;
+        link_order::check(root, &shipped)?;
+        let shipped_bins = bench_bins(root)?;
         // A smoke run: every scenario must produce numbers; how fast they are is not asserted.
         let opts = bench::Options {
             quick: true,
@@ -324,11 +325,11 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
             // The agents' default; the fast path has its own end-to-end tests.
             fast_path: false,
         };
-        bench::run(&bench_bins(root)?, &target_dir(root), opts)?;
+        bench::run(&shipped_bins, &target_dir(root), opts)?;
         // The soak at under a third of its full size: every connection must come back intact, and
         // at 3,000 the per-connection memory figure is steady enough to hold to its 4 KB bound
         // (at 1,000 it moved by up to 1,000 B between runs).
-        soak::run(&bench_bins(root)?, 3_000)?;
+        soak::run(&shipped_bins, 3_000)?;
     }
     Ok(())
 }

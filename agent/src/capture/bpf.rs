@@ -651,26 +651,12 @@ pub(super) fn cgroup_id(path: &Path) -> Result<u64, CaptureError> {
 mod tests {
     use super::OBJECT;
 
-    /// Section names of a 64-bit little-endian ELF file.
+    /// Section names of an ELF object.
     fn section_names(elf: &[u8]) -> Vec<String> {
-        let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
-        let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
-        let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
-        assert_eq!(
-            &elf[..6],
-            b"\x7fELF\x02\x01",
-            "not a 64-bit little-endian ELF file"
-        );
-        let (shoff, shentsize, shnum, shstrndx) =
-            (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
-        let header = |i: usize| shoff + i * shentsize;
-        let strtab = u64_at(header(shstrndx) + 0x18);
-        (0..shnum)
-            .map(|i| {
-                let start = strtab + u32_at(header(i));
-                let len = elf[start..].iter().position(|&b| b == 0).unwrap();
-                String::from_utf8_lossy(&elf[start..start + len]).into_owned()
-            })
+        use object::{Object, ObjectSection};
+        let file = object::File::parse(elf).expect("the embedded eBPF object is an ELF file");
+        file.sections()
+            .filter_map(|s| s.name().ok().map(str::to_owned))
             .collect()
     }
 

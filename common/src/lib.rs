@@ -133,7 +133,9 @@ pub struct SplicePeer {
     /// in `FERRY_SPLICE`): from then on every byte of this socket goes to userspace, so bytes never
     /// overtake each other between the two paths.
     pub passed: u32,
-    pub _pad: u32,
+    /// Buffers whose head repeated bytes the verdict had already carried (a retransmission that
+    /// overlaps received bytes, which TCP queues whole) and which it cut before carrying them on.
+    pub repeats: u32,
 }
 
 /// Indices of the per-CPU counters in `FERRY_COUNTERS`.

@@ -21,7 +21,10 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_F_NO_PREALLOC, bpf_sock_addr, sk_action},
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_probe_read_kernel,
+    },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
@@ -432,6 +435,28 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
         if (*entry).passed != 0 {
             return sk_action::SK_PASS;
         }
+        // TCP queues a retransmitted segment that overlaps bytes already received whole, and the
+        // verdict is handed whole buffers (`tcp_read_skb`): the head, carried once already, must not
+        // be carried again. `tcp_recvmsg` skips it by comparing the buffer's first sequence number
+        // with the socket's `copied_seq`; this does the same. The kernel advances `copied_seq` by
+        // what is left of each buffer after the verdict (`tcp_eat_skb`), so it is always the first
+        // byte not carried yet — from the agent's reads before the join on — and needs no state here.
+        // A buffer whose numbers cannot be read, or do not fit that picture, goes to userspace, and
+        // everything after it with it.
+        let Some(repeated) = repeated_head(&ctx) else {
+            (*entry).passed = 1;
+            count_splice(splice_counters::PASSED);
+            return sk_action::SK_PASS;
+        };
+        if repeated > 0 {
+            if repeated as u64 >= len || !cut_head(&ctx, repeated) {
+                (*entry).passed = 1;
+                count_splice(splice_counters::PASSED);
+                return sk_action::SK_PASS;
+            }
+            (*entry).repeats = (*entry).repeats.wrapping_add(1);
+        }
+        let len = ctx.len() as u64;
         let mut peer = (*entry).peer;
         if FERRY_SPLICE.redirect_skb(&ctx, &mut peer, 0) as u32 == sk_action::SK_PASS {
             (*entry).redirected += len;
@@ -442,6 +467,68 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
     }
     count_splice(splice_counters::PASSED);
     sk_action::SK_PASS
+}
+
+/// Byte offsets in kernel structures, from the kernel's BTF, set by the agent at load time (0:
+/// unknown, and the agent does not attach the verdict then): `sk_buff.cb` (which opens with
+/// `struct tcp_skb_cb`, whose first field is the buffer's first sequence number), `sk_buff.sk` and
+/// `tcp_sock.copied_seq`. `__sk_buff` exposes none of them.
+#[unsafe(no_mangle)]
+static SKB_CB_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SKB_SK_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_COPIED_SEQ_OFFSET: u32 = 0;
+
+/// The most a buffer's head may repeat: a receive buffer is at most 64 KiB, and a repeat beyond
+/// this is not understood.
+const MAX_REPEAT: u32 = 64 * 1024;
+
+/// How many bytes at the head of the buffer the socket already handed on: its `copied_seq` less the
+/// buffer's first sequence number. `None` when they cannot be read or the difference is not one.
+#[inline(always)]
+fn repeated_head(ctx: &SkBuffContext) -> Option<u32> {
+    let (cb, sk_at, copied_at) = unsafe {
+        (
+            read_volatile(&SKB_CB_OFFSET) as usize,
+            read_volatile(&SKB_SK_OFFSET) as usize,
+            read_volatile(&TCP_COPIED_SEQ_OFFSET) as usize,
+        )
+    };
+    if cb == 0 || sk_at == 0 || copied_at == 0 {
+        return None;
+    }
+    // The context is the kernel's `struct sk_buff`.
+    let skb = ctx.skb.skb as usize;
+    let seq = unsafe { bpf_probe_read_kernel((skb + cb) as *const u32) }.ok()?;
+    let sk = unsafe { bpf_probe_read_kernel((skb + sk_at) as *const usize) }.ok()?;
+    if sk == 0 {
+        return None;
+    }
+    let copied = unsafe { bpf_probe_read_kernel((sk + copied_at) as *const u32) }.ok()?;
+    let repeated = copied.wrapping_sub(seq);
+    // Behind `seq` (a wrapped, huge difference) would mean a gap before the buffer, which a receive
+    // queue never has.
+    (repeated <= MAX_REPEAT).then_some(repeated)
+}
+
+/// Cuts `n` bytes (at most [`MAX_REPEAT`]) off the front of the buffer; the helper cuts at most
+/// 4,095 bytes a call.
+#[inline(always)]
+fn cut_head(ctx: &SkBuffContext, n: u32) -> bool {
+    const STEP: u32 = 4095;
+    let mut left = n;
+    let mut i = 0;
+    // 65,536 bytes in steps of 4,095: 17 steps.
+    while i < 17 && left > 0 {
+        let step = if left > STEP { STEP } else { left };
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            return false;
+        }
+        left -= step;
+        i += 1;
+    }
+    left == 0
 }
 
 #[cfg(not(test))]

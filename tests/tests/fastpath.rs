@@ -446,8 +446,8 @@ fn with_the_fast_path_off_same_node_traffic_is_relayed_in_userspace() -> Result<
 /// What the server received after `tests/fastpath/overlap.py` injected, into a connection the client
 /// held long enough to be joined when the fast path is on, a retransmitted segment that repeats 700
 /// bytes the agent's socket already received and carries 300 new ones after them; and whether the
-/// kernel carried the connection.
-fn overlap_injected(extra: &str) -> Result<(serde_json::Value, bool)> {
+/// kernel carried the connection and how many of its sockets fell back to userspace.
+fn overlap_injected(extra: &str) -> Result<(serde_json::Value, bool, u64)> {
     let t = same_node(extra)?;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fastpath/overlap.py");
     let mut srv = t.server.command("python3");
@@ -467,15 +467,19 @@ fn overlap_injected(extra: &str) -> Result<(serde_json::Value, bool)> {
         .find_map(|l| l.strip_prefix("RECEIVED "))
         .context("the server's report")?;
     let got: serde_json::Value = serde_json::from_str(line)?;
-    eprintln!("client: {}server: {got}, joined: {joined}", cl.output());
-    Ok((got, joined))
+    let passed = events(&t.n1, "splice_passed")?;
+    eprintln!(
+        "client: {}server: {got}, joined: {joined}, fell back: {passed}",
+        cl.output()
+    );
+    Ok((got, joined, passed))
 }
 
 /// Relayed in userspace, a retransmission that overlaps bytes already received reaches the server
 /// as TCP means it to: the new bytes once, the repeated head not again (`tcp_recvmsg` skips it).
 #[test]
 fn relayed_in_userspace_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
-    let (got, joined) = overlap_injected("")?;
+    let (got, joined, _) = overlap_injected("")?;
     assert!(!joined, "the fast path is off by default");
     assert_eq!(got["a"], 60, "the exchange before it arrived: {got}");
     assert_eq!(got["n"], 300, "the new bytes arrive once: {got}");
@@ -487,16 +491,15 @@ fn relayed_in_userspace_an_overlapping_retransmission_is_delivered_once() -> Res
 }
 
 /// The same on a joined connection. TCP queues such a segment whole, and the stream verdict is handed
-/// whole buffers (`tcp_read_skb`), so the repeated head is redirected a second time: on Linux 6.18 the
-/// server receives the 700 bytes twice. This is the duplication that keeps the fast path off by
-/// default (README, "Same-node fast path").
-///
-/// Not in the suite while it fails on the kernels it was written on. Run it with `--ignored`.
+/// whole buffers (`tcp_read_skb`), so without a guard the repeated head is redirected a second time
+/// (on Linux 6.18 the server received the 700 bytes twice): the verdict cuts it off, as
+/// `tcp_recvmsg` skips it, and counts the cut once the connection has ended.
 #[test]
-#[ignore = "reproduces a kernel-side duplication on joined sockets (README, Same-node fast path)"]
 fn joined_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
-    let (got, joined) = overlap_injected(FAST_PATH_ON)?;
+    let (got, joined, passed) = overlap_injected(FAST_PATH_ON)?;
     assert!(joined, "the connection was joined before the injection");
+    // Userspace would skip the repeated head too: the kernel must have carried the segment.
+    assert_eq!(passed, 0, "no socket fell back to userspace: {got}");
     assert_eq!(got["n"], 300, "the new bytes arrive once: {got}");
     assert_eq!(
         got["o"], 700,

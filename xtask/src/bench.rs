@@ -570,6 +570,7 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
         let events = [
             "splice_redirected",
             "splice_passed",
+            "splice_repeat_cut",
             "splice_checked",
             "splice_mismatched",
         ];

@@ -124,8 +124,19 @@ impl Capture {
                 .map_err(CaptureError::io(format!("creating {}", dir.display())))?;
         }
         check_pinned_layouts(&maps_dir(&root))?;
+        // The fast path's verdict compares each buffer's first sequence number with its socket's
+        // `copied_seq`, both read out of kernel structures whose layout only the kernel's BTF tells.
+        // Without it the fast path is unavailable.
+        let layout = cfg.capture.fast_path.then(super::btf::SkbLayout::of_kernel);
+        let (cb, sk, copied_seq) = match &layout {
+            Some(Ok(l)) => (l.cb, l.sk, l.copied_seq),
+            _ => (0, 0, 0),
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(maps_dir(&root))
+            .override_global("SKB_CB_OFFSET", &cb, true)
+            .override_global("SKB_SK_OFFSET", &sk, true)
+            .override_global("TCP_COPIED_SEQ_OFFSET", &copied_seq, true)
             .load(object)
             .map_err(CaptureError::bpf("loading the eBPF object"))?;
 
@@ -148,15 +159,19 @@ impl Capture {
             .map_err(CaptureError::bpf("loading ferry_sk_lookup"))?;
         // The fast path is an optimisation: if its program does not load, connections are relayed in
         // userspace as before.
-        let verdict_loaded = if cfg.capture.fast_path {
-            let loaded = program::<SkSkb>(&mut ebpf, programs::SPLICE_VERDICT).and_then(|p| {
-                p.load()
-                    .map_err(CaptureError::bpf("loading ferry_splice_verdict"))
-            });
-            Some(loaded)
-        } else {
-            None
-        };
+        let verdict_loaded = layout.map(|layout| {
+            layout
+                .map_err(|e| CaptureError::Bpf {
+                    what: "reading the layout of struct sk_buff and tcp_sock from the kernel's BTF"
+                        .into(),
+                    message: e.to_string(),
+                })
+                .and_then(|_| program::<SkSkb>(&mut ebpf, programs::SPLICE_VERDICT))
+                .and_then(|p| {
+                    p.load()
+                        .map_err(CaptureError::bpf("loading ferry_splice_verdict"))
+                })
+        });
 
         let mut meta: Array<_, u32> = take_map(&mut ebpf, maps::META)?;
         let found = meta
@@ -430,6 +445,7 @@ impl Capture {
             let (checked, mismatched) = splice.checks();
             out.insert("splice_checked", checked);
             out.insert("splice_mismatched", mismatched);
+            out.insert("splice_repeat_cut", splice.repeats());
         }
         out
     }

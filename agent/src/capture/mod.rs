@@ -7,6 +7,7 @@
 //! enrolled pod's connects are refused (nobody listens where they are steered) and inbound connections
 //! to it are dropped (its `sk_lookup` finds no agent socket): capture fails closed.
 mod bpf;
+mod btf;
 mod link;
 mod pod;
 pub mod splice;

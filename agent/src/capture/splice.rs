@@ -34,6 +34,8 @@ pub struct Splice {
     /// that did not add up (see [`Joined::record_check`]).
     checked: AtomicU64,
     mismatched: AtomicU64,
+    /// Buffers of ended joined connections whose repeated head the verdict cut.
+    repeats: AtomicU64,
 }
 
 /// One of the two sockets of a joined pair.
@@ -69,6 +71,7 @@ impl Splice {
             peers: Mutex::new(peers),
             checked: AtomicU64::new(0),
             mismatched: AtomicU64::new(0),
+            repeats: AtomicU64::new(0),
         }
     }
 
@@ -162,6 +165,11 @@ impl Splice {
             self.checked.load(Ordering::Relaxed),
             self.mismatched.load(Ordering::Relaxed),
         )
+    }
+
+    /// Buffers whose repeated head the verdict cut, on joined connections that ended.
+    pub fn repeats(&self) -> u64 {
+        self.repeats.load(Ordering::Relaxed)
     }
 }
 
@@ -263,6 +271,11 @@ impl Drop for Joined {
         }
         if let Ok(mut peers) = self.splice.peers.lock() {
             for c in &self.cookies {
+                if let Ok(e) = peers.get(c, 0) {
+                    self.splice
+                        .repeats
+                        .fetch_add(u64::from(e.repeats), Ordering::Relaxed);
+                }
                 ignore_missing(peers.remove(c));
             }
         }

@@ -316,11 +316,27 @@ fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
 }
 
 /// Bytes a TCP socket has been given to send over its lifetime: acknowledged plus still queued, and
-/// one more once its FIN is queued (TCP numbers it like a byte). Read in that order, a concurrent
-/// acknowledgement can only make the sum low for a moment, never high.
+/// one more once its FIN is queued (TCP numbers it like a byte).
+///
+/// The two figures take two calls, and an acknowledgement landing between them moves bytes from one
+/// to the other: read acknowledged-then-queued, the sum comes out low by what it covered (65,536
+/// bytes at once on loopback), which made a join's starting point low and the end-of-connection
+/// check report a surplus that was not there. The queue is read before and after: equal, nothing
+/// was acknowledged in between and the sum is exact; otherwise it is read again. A socket that
+/// keeps moving gets the low sum, which only makes [`Joined::drained`] wait a little longer.
 fn written(sock: &impl AsRawFd) -> io::Result<u64> {
-    let acked = tcp_info(sock)?.tcpi_bytes_acked;
-    Ok(acked + crate::netns::unsent_bytes(sock)?)
+    let mut queued = crate::netns::unsent_bytes(sock)?;
+    let mut sum = 0;
+    for _ in 0..4 {
+        let acked = tcp_info(sock)?.tcpi_bytes_acked;
+        let after = crate::netns::unsent_bytes(sock)?;
+        sum = acked + after;
+        if after == queued {
+            break;
+        }
+        queued = after;
+    }
+    Ok(sum)
 }
 
 /// Bytes a TCP socket has received and no longer holds unread. Read in that order, bytes arriving

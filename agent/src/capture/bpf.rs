@@ -162,7 +162,7 @@ impl Capture {
         let verdict_loaded = layout.map(|layout| {
             layout
                 .map_err(|e| CaptureError::Bpf {
-                    what: "reading the layout of struct sk_buff and tcp_sock from the kernel's BTF"
+                    what: "checking the kernel for the fast path's guard (release, BTF layout)"
                         .into(),
                     message: e.to_string(),
                 })

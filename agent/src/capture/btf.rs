@@ -1,7 +1,15 @@
-//! The three facts the fast path's verdict needs from the kernel's BTF: where `cb`, `sk` lie in
-//! `struct sk_buff`, and where `copied_seq` lies in `struct tcp_sock`. aya parses BTF but keeps its
-//! type walk private, and the format's type section is simple enough to walk here.
+//! What the fast path's verdict needs from the running kernel: a release whose stream verdict
+//! accounts `copied_seq` as the verdict's repeated-head guard relies on, and three facts from its BTF
+//! — where `cb` and `sk` lie in `struct sk_buff`, and where `copied_seq` lies in `struct tcp_sock`.
+//! aya parses BTF but keeps its type walk private, and the format's type section is simple enough
+//! to walk here.
 use std::path::Path;
+
+/// The first release whose `tcp_read_skb` hands buffers over one by one and whose verdict advances
+/// `copied_seq` by what is left of each buffer after the program (`tcp_eat_skb`, 6.4; its read loop
+/// without sequence tracking, 6.6). On an older one a cut head could be counted whole and the next
+/// buffer cut by mistake, losing bytes.
+pub const MIN_KERNEL: (u32, u32) = (6, 6);
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -20,6 +28,20 @@ pub enum BtfError {
     NoStruct(String),
     #[error("struct {strukt} has no member {member}")]
     NoMember { strukt: String, member: String },
+    #[error("Linux {release} is older than {}.{}, the first release the fast path's guard against repeated bytes is built for", MIN_KERNEL.0, MIN_KERNEL.1)]
+    OldKernel { release: String },
+}
+
+/// Whether kernel `release` (`uname -r`: `6.18.44`, `6.6.0-1-amd64`, …) is at least [`MIN_KERNEL`].
+/// One that does not start with `major.minor` is not trusted.
+pub fn release_supported(release: &str) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= MIN_KERNEL,
+        _ => false,
+    }
 }
 
 /// Byte offsets into kernel structures, for reads with `bpf_probe_read_kernel`.
@@ -34,8 +56,19 @@ pub struct SkbLayout {
 }
 
 impl SkbLayout {
-    /// The running kernel's, from `/sys/kernel/btf/vmlinux`.
+    /// The running kernel's, from `/sys/kernel/btf/vmlinux`, once its release is recent enough.
     pub fn of_kernel() -> Result<Self, BtfError> {
+        let release_path = "/proc/sys/kernel/osrelease";
+        let release = std::fs::read_to_string(release_path).map_err(|source| BtfError::Read {
+            path: release_path.into(),
+            source,
+        })?;
+        let release = release.trim();
+        if !release_supported(release) {
+            return Err(BtfError::OldKernel {
+                release: release.into(),
+            });
+        }
         let path = Path::new("/sys/kernel/btf/vmlinux");
         let data = std::fs::read(path).map_err(|source| BtfError::Read {
             path: path.display().to_string(),
@@ -275,6 +308,24 @@ mod tests {
             SkbLayout::from_btf(b"garbage!"),
             Err(BtfError::Format(_))
         ));
+    }
+
+    #[test]
+    fn releases_before_6_6_or_unreadable_ones_are_refused() {
+        for ok in ["6.6.0", "6.18.44", "6.6.12-1-amd64", "7.0-rc1", "10.1"] {
+            assert!(release_supported(ok), "{ok}");
+        }
+        for old in [
+            "6.5.13",
+            "6.1.0-27-cloud-amd64",
+            "5.15.0-91-generic",
+            "4.19",
+            "",
+            "six",
+            "6",
+        ] {
+            assert!(!release_supported(old), "{old:?}");
+        }
     }
 
     #[test]

@@ -63,9 +63,10 @@ pub struct CaptureConfig {
     /// Join the two sockets of an authorized same-node connection in the kernel (sockhash + sk_skb
     /// verdict), so its bytes no longer cross userspace. Off: relayed in userspace.
     ///
-    /// Off by default: on Linux 6.18 a joined connection now and then delivered one socket buffer
-    /// twice (a few 256 MiB same-node transfers in the bench, not reproduced by the tests), and a
-    /// data plane must not duplicate bytes to be faster.
+    /// Off by default while its guard against repeated bytes (a retransmission overlapping bytes
+    /// already carried, which the kernel's verdict is handed whole) has a short record: verified on
+    /// one kernel only, and a data plane must not lose or duplicate bytes to be faster. Needs Linux
+    /// 6.6 or later with BTF; otherwise the agent warns and relays in userspace.
     pub fast_path: bool,
 }
 

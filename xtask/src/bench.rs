@@ -309,6 +309,7 @@ fn progress(start: Instant, text: &str) {
 }
 
 /// What to run.
+#[derive(Clone)]
 pub struct Options {
     pub quick: bool,
     pub out: Option<PathBuf>,

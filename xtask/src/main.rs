@@ -6,6 +6,7 @@ mod image;
 mod link_order;
 mod setup;
 mod soak;
+mod stress;
 
 use std::{
     path::{Path, PathBuf},
@@ -61,6 +62,10 @@ enum Cmd {
         /// before/after.
         #[arg(long)]
         fast_path: bool,
+        /// Run the parts this many times beside a CPU hog, checking every bulk byte; fails on any
+        /// byte lost, duplicated or unaccounted (the run a fast-path change must pass).
+        #[arg(long, value_name = "ROUNDS")]
+        stress: Option<u32>,
     },
     /// Profile the agent under callgrind and rewrite agent/link-order.txt, the functions the linker
     /// places together (needs valgrind); after a toolchain or dependency update.
@@ -99,6 +104,7 @@ fn run() -> Result<()> {
             out,
             only,
             fast_path,
+            stress,
         } => {
             let opts = bench::Options {
                 quick,
@@ -106,7 +112,10 @@ fn run() -> Result<()> {
                 only,
                 fast_path,
             };
-            bench::run(&bench_bins(&root)?, &target_dir(&root), opts)
+            match stress {
+                Some(rounds) => stress::run(&bench_bins(&root)?, &target_dir(&root), opts, rounds),
+                None => bench::run(&bench_bins(&root)?, &target_dir(&root), opts),
+            }
         }
         Cmd::LinkOrder => link_order::run(&root),
         Cmd::Soak { conns } => soak::run(&bench_bins(&root)?, conns),

@@ -34,6 +34,7 @@ pub mod maps {
     pub const SPLICE: &str = "FERRY_SPLICE";
     pub const SPLICE_PEERS: &str = "FERRY_SPLICE_PEERS";
     pub const SPLICE_COUNTERS: &str = "FERRY_SPLICE_COUNTERS";
+    pub const SPLICE_NEXT: &str = "FERRY_SPLICE_NEXT";
 }
 
 /// Names of the programs in the eBPF object.

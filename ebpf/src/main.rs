@@ -66,6 +66,11 @@ static FERRY_DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(65536,
 static FERRY_SPLICE: SockHash<u64> = SockHash::pinned(65536, 0);
 #[map(name = "FERRY_SPLICE_PEERS")]
 static FERRY_SPLICE_PEERS: LruHashMap<u64, SplicePeer> = LruHashMap::pinned(65536, 0);
+/// For a joined socket whose bytes went to userspace: the TCP sequence number of the next byte the
+/// verdict has not passed on, so a repeated head is still cut (the kernel advances `copied_seq` of
+/// such a socket only as the agent reads).
+#[map(name = "FERRY_SPLICE_NEXT")]
+static FERRY_SPLICE_NEXT: LruHashMap<u64, u32> = LruHashMap::pinned(65536, 0);
 #[map(name = "FERRY_SPLICE_COUNTERS")]
 static FERRY_SPLICE_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(splice_counters::COUNT, 0);
 #[map(name = "FERRY_COUNTERS")]
@@ -433,6 +438,7 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
         // Once anything went to userspace, everything does: a later redirected byte must not overtake
         // a byte still waiting for the agent to read it.
         if (*entry).passed != 0 {
+            pass_on(&ctx, cookie, len);
             return sk_action::SK_PASS;
         }
         // TCP queues a retransmitted segment that overlaps bytes already received whole, and the
@@ -456,6 +462,7 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
             }
             (*entry).repeats = (*entry).repeats.wrapping_add(1);
         }
+        let whole = len;
         let len = ctx.len() as u64;
         let mut peer = (*entry).peer;
         if FERRY_SPLICE.redirect_skb(&ctx, &mut peer, 0) as u32 == sk_action::SK_PASS {
@@ -464,9 +471,44 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
             return sk_action::SK_PASS;
         }
         (*entry).passed = 1;
+        // Up to here `copied_seq` was right, so this buffer's end is where the count for the bytes
+        // userspace now gets starts. Its sequence number is the one TCP queued it with, before any
+        // cut (the cut does not move it).
+        if let Some(seq) = buffer_seq(&ctx) {
+            let _ = FERRY_SPLICE_NEXT.insert(cookie, seq.wrapping_add(whole as u32), 0);
+        }
     }
     count_splice(splice_counters::PASSED);
     sk_action::SK_PASS
+}
+
+/// The guard for a socket whose bytes go to userspace: what the verdict passes on is queued for the
+/// agent whole, and its `copied_seq` moves only as the agent reads, so the next expected number is
+/// kept in `FERRY_SPLICE_NEXT` from the moment of the fallback on. Without an entry (a fallback the
+/// agent made, or an evicted one) buffers are passed on as they are.
+#[inline(always)]
+fn pass_on(ctx: &SkBuffContext, cookie: u64, len: u64) {
+    let Some(next) = FERRY_SPLICE_NEXT.get_ptr_mut(cookie) else {
+        return;
+    };
+    let Some(seq) = buffer_seq(ctx) else {
+        return;
+    };
+    let repeated = unsafe { *next }.wrapping_sub(seq);
+    let end = seq.wrapping_add(len as u32);
+    if repeated > 0 && repeated <= MAX_REPEAT && (repeated as u64) < len {
+        if !cut_head(ctx, repeated) {
+            // Partly cut at most: the count restarts from what is certain, this buffer's end.
+            unsafe { *next = end };
+            return;
+        }
+        if let Some(entry) = FERRY_SPLICE_PEERS.get_ptr_mut(cookie) {
+            unsafe { (*entry).repeats = (*entry).repeats.wrapping_add(1) };
+        }
+    }
+    // A buffer wholly before `next` cannot be queued by TCP; one after it would mean a gap. Either
+    // way the count goes on from this buffer's end.
+    unsafe { *next = end };
 }
 
 /// Byte offsets in kernel structures, from the kernel's BTF, set by the agent at load time (0:
@@ -510,6 +552,17 @@ fn repeated_head(ctx: &SkBuffContext) -> Option<u32> {
     // Behind `seq` (a wrapped, huge difference) would mean a gap before the buffer, which a receive
     // queue never has.
     (repeated <= MAX_REPEAT).then_some(repeated)
+}
+
+/// The buffer's first TCP sequence number (`TCP_SKB_CB(skb)->seq`).
+#[inline(always)]
+fn buffer_seq(ctx: &SkBuffContext) -> Option<u32> {
+    let cb = unsafe { read_volatile(&SKB_CB_OFFSET) } as usize;
+    if cb == 0 {
+        return None;
+    }
+    let skb = ctx.skb.skb as usize;
+    unsafe { bpf_probe_read_kernel((skb + cb) as *const u32) }.ok()
 }
 
 /// Cuts `n` bytes (at most [`MAX_REPEAT`]) off the front of the buffer; the helper cuts at most

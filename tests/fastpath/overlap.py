@@ -6,9 +6,11 @@ them is valid) connects, exchanges a byte each way for a while (long enough for 
 two sockets in the kernel), then sends OLD bytes "o" and, once they are acknowledged, injects through a
 raw socket one segment that starts OLD bytes before the connection's next sequence number — repeating
 them — and carries NEW bytes "n" after them, as a TCP retransmission combining acknowledged and new
-data would. TCP must deliver the NEW bytes once and the repeated head not at all.
+data would. TCP must deliver the NEW bytes once and the repeated head not at all. With a third argument,
+the client prints EXCHANGED after the exchange and waits for that file to exist before going on.
 """
 import json
+import os
 import socket
 import struct
 import sys
@@ -73,7 +75,7 @@ def peer_of(local):
     raise SystemExit("connection not found in /proc/net/tcp")
 
 
-def client(to, port):
+def client(to, port, hold=None):
     with open("/proc/sys/net/ipv4/tcp_timestamps", "w") as f:
         f.write("0")
     s = socket.create_connection((to, port))
@@ -82,6 +84,11 @@ def client(to, port):
         s.sendall(b"a")
         assert s.recv(1) == b"b"
         time.sleep(0.01)
+    if hold:
+        print("EXCHANGED", flush=True)
+        deadline = time.time() + 20
+        while not os.path.exists(hold) and time.time() < deadline:
+            time.sleep(0.01)
     s.sendall(b"o" * OLD)
     time.sleep(0.3)
     local = s.getsockname()
@@ -106,4 +113,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "server":
         server(int(sys.argv[2]))
     else:
-        client(sys.argv[2], int(sys.argv[3]))
+        client(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)

@@ -507,3 +507,72 @@ fn joined_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
     );
     Ok(())
 }
+
+/// Once a joined socket's bytes go to userspace, the verdict passes each buffer on whole for the agent
+/// to read, and the kernel moves that socket's `copied_seq` only as the agent reads: the guard counts
+/// sequence numbers on from the fallback itself, so a repeated head is still cut. Here the delivery
+/// socket is taken out of the sockhash behind the agent's back (as a socket that closes leaves it)
+/// while the connection is quiet, so the client-facing socket's next bytes find no peer.
+#[test]
+fn after_a_fallback_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
+    let t = same_node(FAST_PATH_ON)?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fastpath/overlap.py");
+    let mut srv = t.server.command("python3");
+    srv.arg(&script).args(["server", "8080"]);
+    let srv = t.world.spawn(srv, "overlap-server")?;
+    srv.wait_for_output("listening", Duration::from_secs(10))?;
+    let go = t.world.dir.join("overlap-go");
+    let mut cl = t.client.command("python3");
+    cl.arg(&script)
+        .args(["client", &t.server.ip4.to_string(), "8080"])
+        .arg(&go);
+    let cl = t.world.spawn(cl, "overlap-client")?;
+    cl.wait_for_output("EXCHANGED", Duration::from_secs(20))?;
+    assert!(
+        events(&t.n1, "splice_redirected")? > 0,
+        "the connection was joined during the exchange"
+    );
+
+    // The agent's delivery socket: in the server pod, connected to the server's port (`ss` prints a
+    // socket's cookie as `sk:`).
+    let dst = format!("{}:8080", t.server.ip4);
+    let ss = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.server.netns, "ss", "-tneH", "dst", &dst])
+        .output()?;
+    let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
+    let cookie = ss
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("sk:"))
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .with_context(|| format!("the delivery socket's cookie in {ss:?}"))?;
+    let maps = t.n1.bpffs_root.join("maps");
+    let peers = PinnedU64Map::open(&maps.join("FERRY_SPLICE_PEERS"))?.keys()?;
+    assert!(
+        peers.contains(&cookie),
+        "the delivery socket {cookie:x} is joined: {peers:x?}"
+    );
+    PinnedU64Map::open(&maps.join("FERRY_SPLICE"))?.delete(cookie)?;
+    std::fs::write(&go, b"")?;
+
+    cl.wait_for_output("INJECTED ", Duration::from_secs(20))?;
+    srv.wait_for_output("RECEIVED ", Duration::from_secs(20))?;
+    let out = srv.output();
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RECEIVED "))
+        .context("the server's report")?;
+    let got: serde_json::Value = serde_json::from_str(line)?;
+    eprintln!("client: {}server: {got}", cl.output());
+    assert_eq!(
+        events(&t.n1, "splice_passed")?,
+        1,
+        "the client-facing socket fell back: {got}"
+    );
+    assert_eq!(got["a"], 60, "the exchange before it arrived: {got}");
+    assert_eq!(got["n"], 300, "the new bytes arrive once: {got}");
+    assert_eq!(
+        got["o"], 700,
+        "the repeated bytes do not arrive again: {got}"
+    );
+    Ok(())
+}

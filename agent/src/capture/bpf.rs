@@ -498,11 +498,12 @@ impl Drop for DeliveryGuard<'_> {
 fn attach_splice(ebpf: &mut Ebpf) -> Result<Splice, CaptureError> {
     let sockets: SockHash<MapData, u64> = take_map(ebpf, maps::SPLICE)?;
     let peers: HashMap<MapData, u64, SplicePeer> = take_map(ebpf, maps::SPLICE_PEERS)?;
+    let next: HashMap<MapData, u64, u32> = take_map(ebpf, maps::SPLICE_NEXT)?;
     let prog: &mut SkSkb = program(ebpf, programs::SPLICE_VERDICT)?;
     prog.attach(sockets.fd()).map_err(CaptureError::bpf(
         "attaching ferry_splice_verdict to FERRY_SPLICE",
     ))?;
-    Ok(Splice::new(sockets, peers))
+    Ok(Splice::new(sockets, peers, next))
 }
 
 pub(super) fn poisoned(what: &str) -> CaptureError {
@@ -536,7 +537,7 @@ where
 }
 
 /// Key and value sizes of every pinned map, as this agent's programs use them.
-fn expected_layouts() -> [(&'static str, usize, usize); 15] {
+fn expected_layouts() -> [(&'static str, usize, usize); 16] {
     use std::mem::size_of;
     [
         (maps::META, 4, 4),
@@ -558,6 +559,7 @@ fn expected_layouts() -> [(&'static str, usize, usize); 15] {
         (maps::SPLICE, 8, 4),
         (maps::SPLICE_PEERS, 8, size_of::<SplicePeer>()),
         (maps::SPLICE_COUNTERS, 4, 8),
+        (maps::SPLICE_NEXT, 8, 4),
     ]
 }
 

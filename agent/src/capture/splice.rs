@@ -30,6 +30,8 @@ const SO_COOKIE: libc::c_int = 57;
 pub struct Splice {
     sockets: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<HashMap<MapData, u64, SplicePeer>>,
+    /// The verdict's next expected sequence number for sockets whose bytes went to userspace.
+    next: Mutex<HashMap<MapData, u64, u32>>,
     /// Joined connections whose byte counts were checked when they ended, and of those, the ones
     /// that did not add up (see [`Joined::record_check`]).
     checked: AtomicU64,
@@ -62,6 +64,7 @@ impl Splice {
     pub(super) fn new(
         sockets: SockHash<MapData, u64>,
         peers: HashMap<MapData, u64, SplicePeer>,
+        next: HashMap<MapData, u64, u32>,
     ) -> Self {
         // Entries a predecessor left stay: during a handoff it still relays its joined connections
         // through them. Those of a killed agent name sockets that died with it; socket cookies are
@@ -69,6 +72,7 @@ impl Splice {
         Self {
             sockets: Mutex::new(sockets),
             peers: Mutex::new(peers),
+            next: Mutex::new(next),
             checked: AtomicU64::new(0),
             mismatched: AtomicU64::new(0),
             repeats: AtomicU64::new(0),
@@ -277,6 +281,11 @@ impl Drop for Joined {
                         .fetch_add(u64::from(e.repeats), Ordering::Relaxed);
                 }
                 ignore_missing(peers.remove(c));
+            }
+        }
+        if let Ok(mut next) = self.splice.next.lock() {
+            for c in &self.cookies {
+                ignore_missing(next.remove(c));
             }
         }
     }

@@ -82,21 +82,36 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options, rounds: u32) -> Result
         bail!("--stress needs at least one round");
     }
     let out = opts.out.clone().unwrap_or_else(|| target_dir.join("bench"));
-    // SAFETY: no other thread runs yet; the bulk sinks read it to check every byte.
-    unsafe { std::env::set_var("FERRY_BENCH_VERIFY", "1") };
+    // SAFETY: no other thread runs yet. The bulk sinks read the first to check every byte; the
+    // second keeps each round's test world logs, and those of rounds that passed are removed.
+    unsafe {
+        std::env::set_var("FERRY_BENCH_VERIFY", "1");
+        std::env::set_var("FERRY_KEEP_LOGS", "1");
+    }
     let hog = Hog::start();
     let mut done = Vec::new();
     for i in 1..=rounds {
         let json = out.join("bench.json");
         let _ = std::fs::remove_file(&json);
+        let before = world_dirs();
         let error = bench::run(bins, target_dir, opts.clone())
             .err()
             .map(|e| format!("{e:#}"));
+        let kept: Vec<_> = world_dirs().difference(&before).cloned().collect();
         let events = std::fs::read_to_string(&json)
             .ok()
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
             .and_then(|v| v.get("fast_path_events")?.as_object().cloned());
         let round = Round { error, events };
+        if round.failed() {
+            for d in &kept {
+                eprintln!("stress round {i}: its agents' logs are in {}", d.display());
+            }
+        } else {
+            for d in &kept {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
         eprintln!(
             "stress round {i}/{rounds}: {}; fast path: mismatched {}, repeated heads cut {}, fallbacks {}",
             round
@@ -133,6 +148,18 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options, rounds: u32) -> Result
         );
     }
     Ok(())
+}
+
+/// The test worlds' directories in the temp dir (logs, configs), by the harness's name prefix.
+fn world_dirs() -> std::collections::BTreeSet<std::path::PathBuf> {
+    std::fs::read_dir(std::env::temp_dir())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("ferry-t"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn show(n: Option<u64>) -> String {

@@ -200,7 +200,15 @@ async fn in_kernel(
                     socks[1 - i].shutdown(std::net::Shutdown::Write)?;
                     ended[i] = true;
                 }
-                Ok(n) => return Ok(Some((from, buf[..n].to_vec()))),
+                Ok(n) => {
+                    // Rare (a peer that left the sockhash or whose entry was evicted), and the
+                    // rest of the connection costs userspace CPU again: worth a line.
+                    tracing::info!(
+                        side = ?from,
+                        "same-node fast path: a joined socket's bytes went to userspace; relaying the rest in userspace"
+                    );
+                    return Ok(Some((from, buf[..n].to_vec())));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }

@@ -355,6 +355,14 @@ fn consumed(sock: &impl AsRawFd) -> io::Result<u64> {
     Ok(received.saturating_sub(crate::netns::unread_bytes(sock)?))
 }
 
+/// Whether a TCP socket is still established both ways: a sockhash takes no other (a socket that
+/// received its peer's FIN is refused with `EOPNOTSUPP`), and a stream that is ending gains nothing
+/// from a join.
+pub fn established(sock: &impl AsRawFd) -> bool {
+    const TCP_ESTABLISHED: u8 = 1;
+    tcp_info(sock).is_ok_and(|i| i.tcpi_state == TCP_ESTABLISHED)
+}
+
 fn tcp_info(sock: &impl AsRawFd) -> io::Result<libc::tcp_info> {
     // SAFETY: an all-zero tcp_info is valid; the kernel fills at most `len` bytes of it.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };

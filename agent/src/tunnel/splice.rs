@@ -329,6 +329,14 @@ impl Pair<'_> {
                 BorrowedFd::borrow_raw(self.fds[1]),
             )
         };
+        // The last write of a stream that is ending finds both queues empty too; its sockets may
+        // already have their peer's FIN, which the sockhash refuses, and a socket never gets back
+        // to established: the pair stays in userspace without trying (or warning) again.
+        use crate::capture::splice::established;
+        if !(established(&sa) && established(&sb)) {
+            let _ = self.joined.set(None);
+            return false;
+        }
         for s in [&sa, &sb] {
             let _ = socket2::SockRef::from(s).set_send_buffer_size(JOINED_SNDBUF);
         }

@@ -450,15 +450,11 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
         // A buffer whose numbers cannot be read, or do not fit that picture, goes to userspace, and
         // everything after it with it.
         let Some(repeated) = repeated_head(&ctx) else {
-            (*entry).passed = 1;
-            count_splice(splice_counters::PASSED);
-            return sk_action::SK_PASS;
+            return to_userspace(entry);
         };
         if repeated > 0 {
             if repeated as u64 >= len || !cut_head(&ctx, repeated) {
-                (*entry).passed = 1;
-                count_splice(splice_counters::PASSED);
-                return sk_action::SK_PASS;
+                return to_userspace(entry);
             }
             (*entry).repeats = (*entry).repeats.wrapping_add(1);
         }
@@ -470,14 +466,20 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
             count_splice(splice_counters::REDIRECTED);
             return sk_action::SK_PASS;
         }
-        (*entry).passed = 1;
         // Up to here `copied_seq` was right, so this buffer's end is where the count for the bytes
         // userspace now gets starts. Its sequence number is the one TCP queued it with, before any
         // cut (the cut does not move it).
         if let Some(seq) = buffer_seq(&ctx) {
             let _ = FERRY_SPLICE_NEXT.insert(cookie, seq.wrapping_add(whole as u32), 0);
         }
+        to_userspace(entry)
     }
+}
+
+/// From now on this socket's bytes go to userspace, this buffer first.
+#[inline(always)]
+unsafe fn to_userspace(entry: *mut SplicePeer) -> u32 {
+    unsafe { (*entry).passed = 1 };
     count_splice(splice_counters::PASSED);
     sk_action::SK_PASS
 }
@@ -530,19 +532,18 @@ const MAX_REPEAT: u32 = 64 * 1024;
 /// buffer's first sequence number. `None` when they cannot be read or the difference is not one.
 #[inline(always)]
 fn repeated_head(ctx: &SkBuffContext) -> Option<u32> {
-    let (cb, sk_at, copied_at) = unsafe {
+    let (sk_at, copied_at) = unsafe {
         (
-            read_volatile(&SKB_CB_OFFSET) as usize,
             read_volatile(&SKB_SK_OFFSET) as usize,
             read_volatile(&TCP_COPIED_SEQ_OFFSET) as usize,
         )
     };
-    if cb == 0 || sk_at == 0 || copied_at == 0 {
+    if sk_at == 0 || copied_at == 0 {
         return None;
     }
+    let seq = buffer_seq(ctx)?;
     // The context is the kernel's `struct sk_buff`.
     let skb = ctx.skb.skb as usize;
-    let seq = unsafe { bpf_probe_read_kernel((skb + cb) as *const u32) }.ok()?;
     let sk = unsafe { bpf_probe_read_kernel((skb + sk_at) as *const usize) }.ok()?;
     if sk == 0 {
         return None;

@@ -29,7 +29,8 @@ pub mod kube_api;
 
 pub const CGROUP2: &str = "/sys/fs/cgroup/unified";
 pub const BPFFS: &str = "/sys/fs/bpf";
-const PREFIX: &str = "ferry-t";
+/// How every test world names its netns, cgroups, pins and temp directory (then its pid and a tag).
+pub const PREFIX: &str = "ferry-t";
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// Runs a command, failing with its stderr.

@@ -443,79 +443,33 @@ fn with_the_fast_path_off_same_node_traffic_is_relayed_in_userspace() -> Result<
     Ok(())
 }
 
-/// What the server received after `tests/fastpath/overlap.py` injected, into a connection the client
-/// held long enough to be joined when the fast path is on, a retransmitted segment that repeats 700
-/// bytes the agent's socket already received and carries 300 new ones after them; and whether the
-/// kernel carried the connection and how many of its sockets fell back to userspace.
-fn overlap_injected(extra: &str) -> Result<(serde_json::Value, bool, u64)> {
+/// What `tests/fastpath/overlap.py` saw: the server's counts of each byte kind, and the node's
+/// fast-path events once the connection was joined (`splice_redirected` after the exchange) and once
+/// the segment arrived (`splice_passed`).
+struct Overlap {
+    got: serde_json::Value,
+    joined: bool,
+    passed: u64,
+}
+
+impl Overlap {
+    /// The exchange before it, then the new bytes once and the repeated ones not again.
+    fn assert_delivered_once(&self) {
+        let got = &self.got;
+        assert_eq!(got["a"], 60, "the exchange before it arrived: {got}");
+        assert_eq!(got["n"], 300, "the new bytes arrive once: {got}");
+        assert_eq!(
+            got["o"], 700,
+            "the repeated bytes do not arrive again: {got}"
+        );
+    }
+}
+
+/// Runs `tests/fastpath/overlap.py`: a connection held long enough to be joined when the fast path is
+/// on, then (after `between` ran on the quiet connection) 700 bytes, then a retransmitted segment that
+/// repeats those 700 bytes the agent's socket already received and carries 300 new ones after them.
+fn overlap_injected(extra: &str, between: impl FnOnce(&SameNode) -> Result<()>) -> Result<Overlap> {
     let t = same_node(extra)?;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fastpath/overlap.py");
-    let mut srv = t.server.command("python3");
-    srv.arg(&script).args(["server", "8080"]);
-    let srv = t.world.spawn(srv, "overlap-server")?;
-    srv.wait_for_output("listening", Duration::from_secs(10))?;
-    let mut cl = t.client.command("python3");
-    cl.arg(&script)
-        .args(["client", &t.server.ip4.to_string(), "8080"]);
-    let cl = t.world.spawn(cl, "overlap-client")?;
-    cl.wait_for_output("INJECTED ", Duration::from_secs(20))?;
-    let joined = events(&t.n1, "splice_redirected")? > 0;
-    srv.wait_for_output("RECEIVED ", Duration::from_secs(20))?;
-    let out = srv.output();
-    let line = out
-        .lines()
-        .find_map(|l| l.strip_prefix("RECEIVED "))
-        .context("the server's report")?;
-    let got: serde_json::Value = serde_json::from_str(line)?;
-    let passed = events(&t.n1, "splice_passed")?;
-    eprintln!(
-        "client: {}server: {got}, joined: {joined}, fell back: {passed}",
-        cl.output()
-    );
-    Ok((got, joined, passed))
-}
-
-/// Relayed in userspace, a retransmission that overlaps bytes already received reaches the server
-/// as TCP means it to: the new bytes once, the repeated head not again (`tcp_recvmsg` skips it).
-#[test]
-fn relayed_in_userspace_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
-    let (got, joined, _) = overlap_injected("")?;
-    assert!(!joined, "the fast path is off by default");
-    assert_eq!(got["a"], 60, "the exchange before it arrived: {got}");
-    assert_eq!(got["n"], 300, "the new bytes arrive once: {got}");
-    assert_eq!(
-        got["o"], 700,
-        "the repeated bytes do not arrive again: {got}"
-    );
-    Ok(())
-}
-
-/// The same on a joined connection. TCP queues such a segment whole, and the stream verdict is handed
-/// whole buffers (`tcp_read_skb`), so without a guard the repeated head is redirected a second time
-/// (on Linux 6.18 the server received the 700 bytes twice): the verdict cuts it off, as
-/// `tcp_recvmsg` skips it, and counts the cut once the connection has ended.
-#[test]
-fn joined_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
-    let (got, joined, passed) = overlap_injected(FAST_PATH_ON)?;
-    assert!(joined, "the connection was joined before the injection");
-    // Userspace would skip the repeated head too: the kernel must have carried the segment.
-    assert_eq!(passed, 0, "no socket fell back to userspace: {got}");
-    assert_eq!(got["n"], 300, "the new bytes arrive once: {got}");
-    assert_eq!(
-        got["o"], 700,
-        "the repeated bytes do not arrive again: {got}"
-    );
-    Ok(())
-}
-
-/// Once a joined socket's bytes go to userspace, the verdict passes each buffer on whole for the agent
-/// to read, and the kernel moves that socket's `copied_seq` only as the agent reads: the guard counts
-/// sequence numbers on from the fallback itself, so a repeated head is still cut. Here the delivery
-/// socket is taken out of the sockhash behind the agent's back (as a socket that closes leaves it)
-/// while the connection is quiet, so the client-facing socket's next bytes find no peer.
-#[test]
-fn after_a_fallback_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
-    let t = same_node(FAST_PATH_ON)?;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fastpath/overlap.py");
     let mut srv = t.server.command("python3");
     srv.arg(&script).args(["server", "8080"]);
@@ -528,32 +482,9 @@ fn after_a_fallback_an_overlapping_retransmission_is_delivered_once() -> Result<
         .arg(&go);
     let cl = t.world.spawn(cl, "overlap-client")?;
     cl.wait_for_output("EXCHANGED", Duration::from_secs(20))?;
-    assert!(
-        events(&t.n1, "splice_redirected")? > 0,
-        "the connection was joined during the exchange"
-    );
-
-    // The agent's delivery socket: in the server pod, connected to the server's port (`ss` prints a
-    // socket's cookie as `sk:`).
-    let dst = format!("{}:8080", t.server.ip4);
-    let ss = std::process::Command::new("ip")
-        .args(["netns", "exec", &t.server.netns, "ss", "-tneH", "dst", &dst])
-        .output()?;
-    let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
-    let cookie = ss
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("sk:"))
-        .and_then(|h| u64::from_str_radix(h, 16).ok())
-        .with_context(|| format!("the delivery socket's cookie in {ss:?}"))?;
-    let maps = t.n1.bpffs_root.join("maps");
-    let peers = PinnedU64Map::open(&maps.join("FERRY_SPLICE_PEERS"))?.keys()?;
-    assert!(
-        peers.contains(&cookie),
-        "the delivery socket {cookie:x} is joined: {peers:x?}"
-    );
-    PinnedU64Map::open(&maps.join("FERRY_SPLICE"))?.delete(cookie)?;
+    let joined = events(&t.n1, "splice_redirected")? > 0;
+    between(&t)?;
     std::fs::write(&go, b"")?;
-
     cl.wait_for_output("INJECTED ", Duration::from_secs(20))?;
     srv.wait_for_output("RECEIVED ", Duration::from_secs(20))?;
     let out = srv.output();
@@ -562,17 +493,72 @@ fn after_a_fallback_an_overlapping_retransmission_is_delivered_once() -> Result<
         .find_map(|l| l.strip_prefix("RECEIVED "))
         .context("the server's report")?;
     let got: serde_json::Value = serde_json::from_str(line)?;
-    eprintln!("client: {}server: {got}", cl.output());
-    assert_eq!(
-        events(&t.n1, "splice_passed")?,
-        1,
-        "the client-facing socket fell back: {got}"
+    let passed = events(&t.n1, "splice_passed")?;
+    eprintln!(
+        "client: {}server: {got}, joined: {joined}, fell back: {passed}",
+        cl.output()
     );
-    assert_eq!(got["a"], 60, "the exchange before it arrived: {got}");
-    assert_eq!(got["n"], 300, "the new bytes arrive once: {got}");
-    assert_eq!(
-        got["o"], 700,
-        "the repeated bytes do not arrive again: {got}"
-    );
+    Ok(Overlap {
+        got,
+        joined,
+        passed,
+    })
+}
+
+/// Relayed in userspace, a retransmission that overlaps bytes already received reaches the server
+/// as TCP means it to: the new bytes once, the repeated head not again (`tcp_recvmsg` skips it).
+#[test]
+fn relayed_in_userspace_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
+    let o = overlap_injected("", |_| Ok(()))?;
+    assert!(!o.joined, "the fast path is off by default");
+    o.assert_delivered_once();
+    Ok(())
+}
+
+/// The same on a joined connection. TCP queues such a segment whole, and the stream verdict is handed
+/// whole buffers (`tcp_read_skb`), so without a guard the repeated head is redirected a second time
+/// (on Linux 6.18 the server received the 700 bytes twice): the verdict cuts it off, as
+/// `tcp_recvmsg` skips it, and counts the cut once the connection has ended.
+#[test]
+fn joined_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
+    let o = overlap_injected(FAST_PATH_ON, |_| Ok(()))?;
+    assert!(o.joined, "the connection was joined before the injection");
+    // Userspace would skip the repeated head too: the kernel must have carried the segment.
+    assert_eq!(o.passed, 0, "no socket fell back to userspace: {}", o.got);
+    o.assert_delivered_once();
+    Ok(())
+}
+
+/// Once a joined socket's bytes go to userspace, the verdict passes each buffer on whole for the agent
+/// to read, and the kernel moves that socket's `copied_seq` only as the agent reads: the guard counts
+/// sequence numbers on from the fallback itself, so a repeated head is still cut. Here the delivery
+/// socket is taken out of the sockhash behind the agent's back (as a socket that closes leaves it)
+/// while the connection is quiet, so the client-facing socket's next bytes find no peer.
+#[test]
+fn after_a_fallback_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
+    let o = overlap_injected(FAST_PATH_ON, |t| {
+        // The agent's delivery socket: in the server pod, connected to the server's port (`ss`
+        // prints a socket's cookie as `sk:`).
+        let dst = format!("{}:8080", t.server.ip4);
+        let ss = std::process::Command::new("ip")
+            .args(["netns", "exec", &t.server.netns, "ss", "-tneH", "dst", &dst])
+            .output()?;
+        let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
+        let cookie = ss
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("sk:"))
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .with_context(|| format!("the delivery socket's cookie in {ss:?}"))?;
+        let maps = t.n1.bpffs_root.join("maps");
+        let peers = PinnedU64Map::open(&maps.join("FERRY_SPLICE_PEERS"))?.keys()?;
+        assert!(
+            peers.contains(&cookie),
+            "the delivery socket {cookie:x} is joined: {peers:x?}"
+        );
+        PinnedU64Map::open(&maps.join("FERRY_SPLICE"))?.delete(cookie)
+    })?;
+    assert!(o.joined, "the connection was joined during the exchange");
+    assert_eq!(o.passed, 1, "the client-facing socket fell back: {}", o.got);
+    o.assert_delivered_once();
     Ok(())
 }

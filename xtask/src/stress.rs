@@ -155,7 +155,11 @@ fn world_dirs() -> std::collections::BTreeSet<std::path::PathBuf> {
     std::fs::read_dir(std::env::temp_dir())
         .map(|d| {
             d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("ferry-t"))
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(ferry_e2e::PREFIX)
+                })
                 .map(|e| e.path())
                 .collect()
         })

@@ -273,18 +273,26 @@ impl Drop for Joined {
                 ignore_missing(sockets.remove(c));
             }
         }
+        let mut passed = Vec::new();
         if let Ok(mut peers) = self.splice.peers.lock() {
             for c in &self.cookies {
                 if let Ok(e) = peers.get(c, 0) {
                     self.splice
                         .repeats
                         .fetch_add(u64::from(e.repeats), Ordering::Relaxed);
+                    if e.passed != 0 {
+                        passed.push(*c);
+                    }
                 }
                 ignore_missing(peers.remove(c));
             }
         }
-        if let Ok(mut next) = self.splice.next.lock() {
-            for c in &self.cookies {
+        // Only a socket whose bytes went to userspace has a `FERRY_SPLICE_NEXT` entry (the LRU
+        // evicts one whose peer entry was already gone).
+        if !passed.is_empty()
+            && let Ok(mut next) = self.splice.next.lock()
+        {
+            for c in &passed {
                 ignore_missing(next.remove(c));
             }
         }

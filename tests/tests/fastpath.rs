@@ -443,6 +443,81 @@ fn with_the_fast_path_off_same_node_traffic_is_relayed_in_userspace() -> Result<
     Ok(())
 }
 
+/// A connection whose client's bytes arrive together with its end of stream is not joined: the
+/// agent relays those bytes and then finds its client-facing socket no longer established, which the
+/// sockhash refuses. It used to try anyway and warn for every such connection.
+#[test]
+fn a_connection_that_already_ended_its_stream_is_not_joined() -> Result<()> {
+    let t = same_node(FAST_PATH_ON)?;
+    // The server answers only once the client's stream has ended, so when the agent has relayed the
+    // client's bytes both queues are empty and the server side waits: everything joining asks for,
+    // but an established client-facing socket.
+    let server = r#"
+import socket
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 8080))
+l.listen(16)
+print("listening", flush=True)
+while True:
+    c, _ = l.accept()
+    n = 0
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        n += len(b)
+    c.sendall(str(n).encode())
+    c.close()
+"#;
+    let mut srv = t.server.command("python3");
+    srv.args(["-c", server]);
+    let srv = t.world.spawn(srv, "counter")?;
+    srv.wait_for_output("listening", Duration::from_secs(10))?;
+    // Corked, the kilobyte and the FIN leave in one segment, well after the join delay.
+    let client = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 8080))
+time.sleep(0.05)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+s.sendall(b"x" * 1024)
+s.shutdown(socket.SHUT_WR)
+got = b""
+while True:
+    b = s.recv(100)
+    if not b:
+        break
+    got += b
+print("COUNTED", got.decode(), flush=True)
+"#;
+    for i in 0..5 {
+        let mut cl = t.client.command("python3");
+        cl.args(["-c", client, &t.server.ip4.to_string()]);
+        let out = run_with_timeout(cl, Duration::from_secs(20))?;
+        assert_eq!(out.trim(), "COUNTED 1024", "connection {i}");
+    }
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080).to_string();
+    let ended = eventually(Duration::from_secs(5), || {
+        t.agent
+            .access_lines()
+            .iter()
+            .filter(|l| l.field("dst").as_deref() == Some(to.as_str()))
+            .count()
+            == 5
+    });
+    assert!(ended, "five access lines for {to}");
+    let tried: Vec<String> = t
+        .agent
+        .lines()
+        .into_iter()
+        .filter(|l| l.msg().contains("fast path not used"))
+        .map(|l| l.0.to_string())
+        .collect();
+    assert!(tried.is_empty(), "joining was tried: {tried:?}");
+    assert_eq!(events(&t.n1, "splice_redirected")?, 0);
+    Ok(())
+}
+
 /// What `tests/fastpath/overlap.py` saw: the server's counts of each byte kind, and the node's
 /// fast-path events once the connection was joined (`splice_redirected` after the exchange) and once
 /// the segment arrived (`splice_passed`).

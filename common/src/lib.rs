@@ -130,13 +130,43 @@ pub struct SplicePeer {
     pub peer: u64,
     /// Bytes received on this socket and sent out of the peer socket by the kernel.
     pub redirected: u64,
-    /// Set by the verdict program once it could not redirect (the peer socket was not, or no longer,
-    /// in `FERRY_SPLICE`): from then on every byte of this socket goes to userspace, so bytes never
-    /// overtake each other between the two paths.
+    /// Zero while the kernel carries this socket's bytes; once the verdict program sends one buffer to
+    /// userspace, why (one of [`pass_reason`]), and from then on every byte of this socket goes there,
+    /// so bytes never overtake each other between the two paths.
     pub passed: u32,
     /// Buffers whose head repeated bytes the verdict had already carried (a retransmission that
     /// overlaps received bytes, which TCP queues whole) and which it cut before carrying them on.
     pub repeats: u32,
+}
+
+/// Why a joined socket's bytes went to userspace ([`SplicePeer::passed`]).
+pub mod pass_reason {
+    /// The peer socket was not, or no longer, in `FERRY_SPLICE`.
+    pub const REDIRECT_FAILED: u32 = 1;
+    /// The buffer's sequence number or the socket's `copied_seq` could not be read.
+    pub const SEQ_UNREADABLE: u32 = 2;
+    /// The buffer starts after the socket's `copied_seq`: a gap the guard does not understand.
+    pub const SEQ_AHEAD: u32 = 3;
+    /// The buffer repeats more than 64 KiB, or all of itself.
+    pub const REPEAT_TOO_LONG: u32 = 4;
+    /// `bpf_skb_adjust_room` refused to cut the repeated head.
+    pub const CUT_FAILED: u32 = 5;
+    /// The agent sent both sockets to userspace (joining failed halfway).
+    pub const AGENT: u32 = 6;
+
+    /// A reason's name, for logs.
+    pub fn name(reason: u32) -> &'static str {
+        match reason {
+            0 => "none",
+            REDIRECT_FAILED => "the peer socket was not in the sockhash",
+            SEQ_UNREADABLE => "sequence numbers unreadable",
+            SEQ_AHEAD => "the buffer started after copied_seq",
+            REPEAT_TOO_LONG => "the buffer repeated more than 64 KiB or all of itself",
+            CUT_FAILED => "cutting the repeated head failed",
+            AGENT => "joining failed halfway",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Indices of the per-CPU counters in `FERRY_COUNTERS`.

@@ -31,7 +31,8 @@ use aya_ebpf::{
 };
 use ferry_common::{
     DeliveryKey, FAMILY_V4, FAMILY_V6, OrigDst, PodEntry, RawAddr, SOCK_KIND_HBONE,
-    SOCK_KIND_INBOUND, Settings, SocketKey, SplicePeer, TupleKey, counters, splice_counters,
+    SOCK_KIND_INBOUND, Settings, SocketKey, SplicePeer, TupleKey, counters, pass_reason,
+    splice_counters,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -449,12 +450,16 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
         // byte not carried yet — from the agent's reads before the join on — and needs no state here.
         // A buffer whose numbers cannot be read, or do not fit that picture, goes to userspace, and
         // everything after it with it.
-        let Some(repeated) = repeated_head(&ctx) else {
-            return to_userspace(entry);
+        let repeated = match repeated_head(&ctx) {
+            Ok(r) => r,
+            Err(reason) => return to_userspace(entry, reason),
         };
         if repeated > 0 {
-            if repeated as u64 >= len || !cut_head(&ctx, repeated) {
-                return to_userspace(entry);
+            if repeated as u64 >= len {
+                return to_userspace(entry, pass_reason::REPEAT_TOO_LONG);
+            }
+            if !cut_head(&ctx, repeated) {
+                return to_userspace(entry, pass_reason::CUT_FAILED);
             }
             (*entry).repeats = (*entry).repeats.wrapping_add(1);
         }
@@ -472,14 +477,14 @@ pub fn ferry_splice_verdict(ctx: SkBuffContext) -> u32 {
         if let Some(seq) = buffer_seq(&ctx) {
             let _ = FERRY_SPLICE_NEXT.insert(cookie, seq.wrapping_add(whole as u32), 0);
         }
-        to_userspace(entry)
+        to_userspace(entry, pass_reason::REDIRECT_FAILED)
     }
 }
 
-/// From now on this socket's bytes go to userspace, this buffer first.
+/// From now on this socket's bytes go to userspace, this buffer first; `reason` tells the agent why.
 #[inline(always)]
-unsafe fn to_userspace(entry: *mut SplicePeer) -> u32 {
-    unsafe { (*entry).passed = 1 };
+unsafe fn to_userspace(entry: *mut SplicePeer, reason: u32) -> u32 {
+    unsafe { (*entry).passed = reason };
     count_splice(splice_counters::PASSED);
     sk_action::SK_PASS
 }
@@ -529,9 +534,10 @@ static TCP_COPIED_SEQ_OFFSET: u32 = 0;
 const MAX_REPEAT: u32 = 64 * 1024;
 
 /// How many bytes at the head of the buffer the socket already handed on: its `copied_seq` less the
-/// buffer's first sequence number. `None` when they cannot be read or the difference is not one.
+/// buffer's first sequence number; otherwise the [`pass_reason`] why that is not a repeat the guard
+/// can cut.
 #[inline(always)]
-fn repeated_head(ctx: &SkBuffContext) -> Option<u32> {
+fn repeated_head(ctx: &SkBuffContext) -> Result<u32, u32> {
     let (sk_at, copied_at) = unsafe {
         (
             read_volatile(&SKB_SK_OFFSET) as usize,
@@ -539,20 +545,25 @@ fn repeated_head(ctx: &SkBuffContext) -> Option<u32> {
         )
     };
     if sk_at == 0 || copied_at == 0 {
-        return None;
+        return Err(pass_reason::SEQ_UNREADABLE);
     }
-    let seq = buffer_seq(ctx)?;
+    let seq = buffer_seq(ctx).ok_or(pass_reason::SEQ_UNREADABLE)?;
     // The context is the kernel's `struct sk_buff`.
     let skb = ctx.skb.skb as usize;
-    let sk = unsafe { bpf_probe_read_kernel((skb + sk_at) as *const usize) }.ok()?;
+    let sk = unsafe { bpf_probe_read_kernel((skb + sk_at) as *const usize) }
+        .map_err(|_| pass_reason::SEQ_UNREADABLE)?;
     if sk == 0 {
-        return None;
+        return Err(pass_reason::SEQ_UNREADABLE);
     }
-    let copied = unsafe { bpf_probe_read_kernel((sk + copied_at) as *const u32) }.ok()?;
-    let repeated = copied.wrapping_sub(seq);
-    // Behind `seq` (a wrapped, huge difference) would mean a gap before the buffer, which a receive
-    // queue never has.
-    (repeated <= MAX_REPEAT).then_some(repeated)
+    let copied = unsafe { bpf_probe_read_kernel((sk + copied_at) as *const u32) }
+        .map_err(|_| pass_reason::SEQ_UNREADABLE)?;
+    match copied.wrapping_sub(seq) {
+        r if r <= MAX_REPEAT => Ok(r),
+        // Behind `seq` (a wrapped, huge difference) would mean a gap before the buffer, which a
+        // receive queue never has.
+        r if r > u32::MAX / 2 => Err(pass_reason::SEQ_AHEAD),
+        _ => Err(pass_reason::REPEAT_TOO_LONG),
+    }
 }
 
 /// The buffer's first TCP sequence number (`TCP_SKB_CB(skb)->seq`).

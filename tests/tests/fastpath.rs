@@ -525,6 +525,8 @@ struct Overlap {
     got: serde_json::Value,
     joined: bool,
     passed: u64,
+    /// Why the agent says a joined socket's bytes went to userspace.
+    reasons: Vec<String>,
 }
 
 impl Overlap {
@@ -569,14 +571,24 @@ fn overlap_injected(extra: &str, between: impl FnOnce(&SameNode) -> Result<()>) 
         .context("the server's report")?;
     let got: serde_json::Value = serde_json::from_str(line)?;
     let passed = events(&t.n1, "splice_passed")?;
+    // The agent tells why as it reads the first bytes that went to userspace, which the server has
+    // by now.
+    let reasons = t
+        .agent
+        .lines()
+        .iter()
+        .filter(|l| l.msg().contains("bytes went to userspace"))
+        .filter_map(|l| l.field("reason"))
+        .collect();
     eprintln!(
-        "client: {}server: {got}, joined: {joined}, fell back: {passed}",
+        "client: {}server: {got}, joined: {joined}, fell back: {passed} {reasons:?}",
         cl.output()
     );
     Ok(Overlap {
         got,
         joined,
         passed,
+        reasons,
     })
 }
 
@@ -600,6 +612,7 @@ fn joined_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
     assert!(o.joined, "the connection was joined before the injection");
     // Userspace would skip the repeated head too: the kernel must have carried the segment.
     assert_eq!(o.passed, 0, "no socket fell back to userspace: {}", o.got);
+    assert!(o.reasons.is_empty(), "{:?}", o.reasons);
     o.assert_delivered_once();
     Ok(())
 }
@@ -634,6 +647,11 @@ fn after_a_fallback_an_overlapping_retransmission_is_delivered_once() -> Result<
     })?;
     assert!(o.joined, "the connection was joined during the exchange");
     assert_eq!(o.passed, 1, "the client-facing socket fell back: {}", o.got);
+    assert_eq!(
+        o.reasons,
+        ["the peer socket was not in the sockhash"],
+        "the agent tells why"
+    );
     o.assert_delivered_once();
     Ok(())
 }

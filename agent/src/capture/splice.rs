@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, MapError, SockHash};
-use ferry_common::SplicePeer;
+use ferry_common::{SplicePeer, pass_reason};
 
 use super::CaptureError;
 
@@ -45,6 +45,26 @@ pub struct Splice {
 pub enum Side {
     A,
     B,
+}
+
+/// Whether a joined socket's bytes went to userspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passed {
+    No,
+    /// Since the verdict (or the agent) sent them there, for this [`pass_reason`].
+    Because(u32),
+    /// Its entry is gone (evicted) or unreadable: as good as passed.
+    Unknown,
+}
+
+impl std::fmt::Display for Passed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Passed::No => f.write_str("no"),
+            Passed::Because(r) => f.write_str(pass_reason::name(*r)),
+            Passed::Unknown => f.write_str("its map entry is gone"),
+        }
+    }
 }
 
 /// A joined pair. Dropping it removes the pair from the maps.
@@ -196,15 +216,17 @@ impl Joined {
         (get(&self.cookies[0]), get(&self.cookies[1]))
     }
 
-    /// Whether the verdict sent either socket's bytes to userspace (a peer was not in the map yet, or
-    /// left it): those bytes wait in that socket for a read, in order.
-    pub fn passed_any(&self) -> bool {
+    /// Whether, and why, each socket's bytes went to userspace (a peer was not in the map yet, or left
+    /// it, or the guard could not tell a repeat): those bytes wait in that socket for a read, in order.
+    pub fn passed(&self) -> [Passed; 2] {
         let Ok(peers) = self.splice.peers.lock() else {
-            return true;
+            return [Passed::Unknown; 2];
         };
-        self.cookies
-            .iter()
-            .any(|c| peers.get(c, 0).map(|e| e.passed != 0).unwrap_or(true))
+        self.cookies.map(|c| match peers.get(&c, 0) {
+            Ok(e) if e.passed == 0 => Passed::No,
+            Ok(e) => Passed::Because(e.passed),
+            Err(_) => Passed::Unknown,
+        })
     }
 
     /// Whether `to` has taken, into its send queue or already acknowledged, every byte the kernel
@@ -256,7 +278,7 @@ impl Joined {
             for (i, c) in self.cookies.iter().enumerate() {
                 let entry = SplicePeer {
                     peer: self.cookies[1 - i],
-                    passed: 1,
+                    passed: pass_reason::AGENT,
                     ..SplicePeer::default()
                 };
                 let _ = peers.insert(c, entry, 0);

@@ -27,7 +27,7 @@ use super::{
     copy::{CHUNK, FIRST_READ, next_read_size},
     kill::KillSwitch,
 };
-use crate::capture::splice::{Joined, Side, Splice};
+use crate::capture::splice::{Joined, Passed, Side, Splice};
 
 /// How long a connection is relayed in userspace before it is joined in the kernel. Joining and
 /// parting cost a handful of syscalls and the kernel's per-socket state, which a connection that
@@ -205,6 +205,7 @@ async fn in_kernel(
                     // rest of the connection costs userspace CPU again: worth a line.
                     tracing::info!(
                         side = ?from,
+                        reason = %pair.passed()[i],
                         "same-node fast path: a joined socket's bytes went to userspace; relaying the rest in userspace"
                     );
                     return Ok(Some((from, buf[..n].to_vec())));
@@ -344,7 +345,15 @@ impl Pair<'_> {
             Ok(j) => {
                 // A socket whose bytes went to userspace while its peer was not in the map yet
                 // keeps sending them there: the relay goes on reading both.
-                let clean = j.in_kernel && !j.passed_any();
+                let passed = j.passed();
+                let clean = j.in_kernel && passed == [Passed::No; 2];
+                if j.in_kernel && !clean {
+                    tracing::info!(
+                        passed_a = %passed[0],
+                        passed_b = %passed[1],
+                        "same-node fast path: bytes went to userspace while joining; the relay reads both sockets on"
+                    );
+                }
                 let j = Arc::new(j);
                 self.stats.add_kernel(j.clone());
                 let at = JoinedAt {
@@ -407,12 +416,15 @@ impl Pair<'_> {
                     Ok(bytes) => {
                         whole = false;
                         let (ab, ba) = joined.redirected();
+                        let passed = joined.passed();
                         tracing::error!(
                             side = ?side,
                             bytes,
                             user_since_join = user,
                             redirected_ab = ab,
                             redirected_ba = ba,
+                            passed_a = %passed[0],
+                            passed_b = %passed[1],
                             "same-node fast path: {what}"
                         );
                     }
@@ -442,6 +454,14 @@ impl Pair<'_> {
             (true, side) => side,
             (false, Side::A) => Side::B,
             (false, Side::B) => Side::A,
+        }
+    }
+
+    /// Whether, and why, each socket's bytes went to userspace since the join.
+    fn passed(&self) -> [Passed; 2] {
+        match self.joined.get() {
+            Some(Some(j)) => j.joined.passed(),
+            _ => [Passed::No; 2],
         }
     }
 

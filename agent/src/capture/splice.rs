@@ -233,9 +233,10 @@ impl Joined {
     /// redirected into it plus the `user` bytes the agent wrote to it itself since the join. The kernel
     /// hands redirected bytes to the sending socket from a work queue: shutting down `to` before they are
     /// all in would lose them.
-    pub fn drained(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<bool> {
+    /// Returns how many of those bytes `to` has not taken yet (0: drained).
+    pub fn undrained(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<u64> {
         let (given, into) = self.given_and_redirected(to, fd)?;
-        Ok(given >= into + user)
+        Ok((into + user).saturating_sub(given))
     }
 
     /// Bytes the verdict redirected out of `from` since the join, plus the `user` bytes the agent read

@@ -43,6 +43,10 @@ const LOOK_MAX: Duration = Duration::from_secs(5);
 /// waits a clock tick whenever the buffer is full: room for a tick of fast local traffic.
 const JOINED_SNDBUF: usize = 4 << 20;
 
+/// How long bytes the kernel redirected may stay undelivered, with the socket they are for idle,
+/// before the relay gives the connection up as having lost them.
+const DRAIN_STALL: Duration = Duration::from_secs(10);
+
 /// Copies both ways between two TCP streams with half-close carried through (EOF on one side shuts
 /// down the other's write half), counting as bytes flow: `sent` is `a` → `b`.
 ///
@@ -111,10 +115,12 @@ async fn relay(pair: &Pair<'_>, mut a: TcpStream, mut b: TcpStream) -> io::Resul
         b = TcpStream::from_std(sb)?;
         match from {
             Side::A => {
+                pair.drained(Side::B).await?;
                 b.write_all(&pending).await?;
                 pair.stats.add_sent(pending.len());
             }
             Side::B => {
+                pair.drained(Side::A).await?;
                 a.write_all(&pending).await?;
                 pair.stats.add_received(pending.len());
             }
@@ -465,8 +471,8 @@ impl Pair<'_> {
         }
     }
 
-    /// Before carrying an end of stream into `to`: waits until the kernel has handed `to` every byte
-    /// it redirected into it (see [`Joined::drained`]).
+    /// Before writing bytes or an end of stream into `to`: waits until the kernel has handed `to`
+    /// every byte it redirected into it (see [`Joined::drained`]).
     async fn drained(&self, to: Side) -> io::Result<()> {
         let Some(Some(JoinedAt {
             joined,
@@ -485,11 +491,33 @@ impl Pair<'_> {
             }
         };
         let mut pause = Duration::from_micros(50);
-        while !joined.drained(to, &sock, user())? {
+        let mut last = (0, Instant::now());
+        loop {
+            let left = joined.undrained(to, &sock, user())?;
+            if left == 0 {
+                return Ok(());
+            }
+            // The kernel's sender moves on whenever `to` has room. A count that stays put while
+            // `to` has nothing left to send (the receiving app is not what holds it up) means
+            // redirected bytes were lost: the connection ends rather than hangs.
+            let held_up = crate::netns::unsent_bytes(&sock).map_or(true, |q| q > 0);
+            if left != last.0 || held_up {
+                last = (left, Instant::now());
+            } else if last.1.elapsed() > DRAIN_STALL {
+                let facing = match to {
+                    Side::A => "client",
+                    Side::B => "server",
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the kernel did not hand {left} redirected bytes to the {facing}-facing socket within {DRAIN_STALL:?}"
+                    ),
+                ));
+            }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
         }
-        Ok(())
     }
 }
 
@@ -526,6 +554,10 @@ async fn pump(
         }
         top_up(r, &mut buf)?;
         let n = buf.len();
+        // On a joined pair whose bytes came back to userspace, the kernel sends what it redirected
+        // into `to` from a work queue, later and in its own time: the agent's bytes must not
+        // overtake them.
+        pair.drained(to).await?;
         w.write_all(&buf[..n]).await?;
         match from {
             Side::A => pair.stats.add_sent(n),

@@ -104,8 +104,19 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options, rounds: u32) -> Result
             .and_then(|v| v.get("fast_path_events")?.as_object().cloned());
         let round = Round { error, events };
         if round.failed() {
+            // Out of the temp dir: the next test world's sweep removes what a finished process
+            // left there.
             for d in &kept {
-                eprintln!("stress round {i}: its agents' logs are in {}", d.display());
+                let to = out.join(format!("round-{i}"));
+                match keep(d, &to) {
+                    Ok(()) => {
+                        eprintln!("stress round {i}: its agents' logs are in {}", to.display())
+                    }
+                    Err(e) => eprintln!(
+                        "stress round {i}: its agents' logs are in {} ({e:#})",
+                        d.display()
+                    ),
+                }
             }
         } else {
             for d in &kept {
@@ -151,6 +162,21 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options, rounds: u32) -> Result
 }
 
 /// The test worlds' directories in the temp dir (logs, configs), by the harness's name prefix.
+/// Moves a kept test world's logs to `to`.
+fn keep(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(to);
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .context("running cp")?;
+    if !status.success() {
+        bail!("cp -a {} {}: {status}", from.display(), to.display());
+    }
+    std::fs::remove_dir_all(from).with_context(|| format!("removing {}", from.display()))
+}
+
 fn world_dirs() -> std::collections::BTreeSet<std::path::PathBuf> {
     std::fs::read_dir(std::env::temp_dir())
         .map(|d| {

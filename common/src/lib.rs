@@ -147,12 +147,19 @@ pub mod pass_reason {
     pub const SEQ_UNREADABLE: u32 = 2;
     /// The buffer starts after the socket's `copied_seq`: a gap the guard does not understand.
     pub const SEQ_AHEAD: u32 = 3;
-    /// The buffer repeats more than 64 KiB, or all of itself.
+    /// The buffer repeats more bytes than the verdict cuts (about 1 MiB), or all of itself.
     pub const REPEAT_TOO_LONG: u32 = 4;
     /// `bpf_skb_adjust_room` refused to cut the repeated head.
     pub const CUT_FAILED: u32 = 5;
     /// The agent sent both sockets to userspace (joining failed halfway).
     pub const AGENT: u32 = 6;
+
+    /// Whether a socket that passed for `reason` may hand userspace bytes it had handed on before
+    /// (a repeated head left uncut, or one that could not be measured): relaying them would
+    /// deliver them twice.
+    pub fn may_repeat(reason: u32) -> bool {
+        !matches!(reason, 0 | REDIRECT_FAILED | AGENT)
+    }
 
     /// A reason's name, for logs.
     pub fn name(reason: u32) -> &'static str {
@@ -161,7 +168,7 @@ pub mod pass_reason {
             REDIRECT_FAILED => "the peer socket was not in the sockhash",
             SEQ_UNREADABLE => "sequence numbers unreadable",
             SEQ_AHEAD => "the buffer started after copied_seq",
-            REPEAT_TOO_LONG => "the buffer repeated more than 64 KiB or all of itself",
+            REPEAT_TOO_LONG => "the buffer repeated more than the verdict cuts, or all of itself",
             CUT_FAILED => "cutting the repeated head failed",
             AGENT => "joining failed halfway",
             _ => "unknown",

@@ -492,7 +492,8 @@ unsafe fn to_userspace(entry: *mut SplicePeer, reason: u32) -> u32 {
 /// The guard for a socket whose bytes go to userspace: what the verdict passes on is queued for the
 /// agent whole, and its `copied_seq` moves only as the agent reads, so the next expected number is
 /// kept in `FERRY_SPLICE_NEXT` from the moment of the fallback on. Without an entry (a fallback the
-/// agent made, or an evicted one) buffers are passed on as they are.
+/// agent made, or an evicted one) buffers are passed on as they are. A repeated head the guard cannot
+/// cut is named in the socket's entry, so the agent refuses to relay those bytes a second time.
 #[inline(always)]
 fn pass_on(ctx: &SkBuffContext, cookie: u64, len: u64) {
     let Some(next) = FERRY_SPLICE_NEXT.get_ptr_mut(cookie) else {
@@ -503,19 +504,28 @@ fn pass_on(ctx: &SkBuffContext, cookie: u64, len: u64) {
     };
     let repeated = unsafe { *next }.wrapping_sub(seq);
     let end = seq.wrapping_add(len as u32);
-    if repeated > 0 && repeated <= MAX_REPEAT && (repeated as u64) < len {
-        if !cut_head(ctx, repeated) {
-            // Partly cut at most: the count restarts from what is certain, this buffer's end.
-            unsafe { *next = end };
-            return;
-        }
-        if let Some(entry) = FERRY_SPLICE_PEERS.get_ptr_mut(cookie) {
-            unsafe { (*entry).repeats = (*entry).repeats.wrapping_add(1) };
+    // Whatever happens to this buffer, the count goes on from its end.
+    unsafe { *next = end };
+    // After `next` (a wrapped, huge difference) would mean a gap, which a receive queue never has.
+    if repeated == 0 || repeated > u32::MAX / 2 {
+        return;
+    }
+    let problem = if repeated as u64 >= len || repeated > MAX_REPEAT {
+        pass_reason::REPEAT_TOO_LONG
+    } else if !cut_head(ctx, repeated) {
+        pass_reason::CUT_FAILED
+    } else {
+        0
+    };
+    if let Some(entry) = FERRY_SPLICE_PEERS.get_ptr_mut(cookie) {
+        unsafe {
+            if problem == 0 {
+                (*entry).repeats = (*entry).repeats.wrapping_add(1);
+            } else {
+                (*entry).passed = problem;
+            }
         }
     }
-    // A buffer wholly before `next` cannot be queued by TCP; one after it would mean a gap. Either
-    // way the count goes on from this buffer's end.
-    unsafe { *next = end };
 }
 
 /// Byte offsets in kernel structures, from the kernel's BTF, set by the agent at load time (0:
@@ -529,9 +539,14 @@ static SKB_SK_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static TCP_COPIED_SEQ_OFFSET: u32 = 0;
 
-/// The most a buffer's head may repeat: a receive buffer is at most 64 KiB, and a repeat beyond
-/// this is not understood.
-const MAX_REPEAT: u32 = 64 * 1024;
+/// The most a buffer's head may repeat. A buffer in the receive queue is not bounded by a segment:
+/// TCP merges arriving segments into the last queued buffer up to `MAX_SKB_FRAGS` page fragments (17
+/// by default, at most 32 KiB each), and the agent may have read part of one before the join.
+const MAX_REPEAT: u32 = CUT_STEPS * CUT_STEP;
+
+/// `bpf_skb_adjust_room` cuts at most 4,095 bytes a call from an sk_skb buffer.
+const CUT_STEP: u32 = 4095;
+const CUT_STEPS: u32 = 256;
 
 /// How many bytes at the head of the buffer the socket already handed on: its `copied_seq` less the
 /// buffer's first sequence number; otherwise the [`pass_reason`] why that is not a repeat the guard
@@ -577,16 +592,13 @@ fn buffer_seq(ctx: &SkBuffContext) -> Option<u32> {
     unsafe { bpf_probe_read_kernel((skb + cb) as *const u32) }.ok()
 }
 
-/// Cuts `n` bytes (at most [`MAX_REPEAT`]) off the front of the buffer; the helper cuts at most
-/// 4,095 bytes a call.
+/// Cuts `n` bytes (at most [`MAX_REPEAT`]) off the front of the buffer, [`CUT_STEP`] at a time.
 #[inline(always)]
 fn cut_head(ctx: &SkBuffContext, n: u32) -> bool {
-    const STEP: u32 = 4095;
     let mut left = n;
     let mut i = 0;
-    // 65,536 bytes in steps of 4,095: 17 steps.
-    while i < 17 && left > 0 {
-        let step = if left > STEP { STEP } else { left };
+    while i < CUT_STEPS && left > 0 {
+        let step = if left > CUT_STEP { CUT_STEP } else { left };
         if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
             return false;
         }

@@ -1468,11 +1468,16 @@ impl PinnedU64Map {
     }
 
     fn call(&self, cmd: i64, key: Option<&u64>, out: Option<&mut u64>) -> std::io::Result<()> {
+        self.call_raw(cmd, key, out.map_or(0, |o| o as *mut u64 as u64))
+    }
+
+    /// `value` is the address of a buffer the size of the map's values, or 0.
+    fn call_raw(&self, cmd: i64, key: Option<&u64>, value: u64) -> std::io::Result<()> {
         let attr = MapElem {
             map_fd: std::os::fd::AsRawFd::as_raw_fd(&self.0) as u32,
             _pad: 0,
             key: key.map_or(0, |k| k as *const u64 as u64),
-            value_or_next: out.map_or(0, |o| o as *mut u64 as u64),
+            value_or_next: value,
             flags: 0,
             _rest: [0; 96],
         };
@@ -1507,6 +1512,22 @@ impl PinnedU64Map {
                 Err(e) => bail!("BPF_MAP_GET_NEXT_KEY: {e}"),
             }
         }
+    }
+
+    /// The value under `key`, of type `T` (which must be the map's value type, `#[repr(C)]`).
+    pub fn get<T: Copy + Default>(&self, key: u64) -> Result<T> {
+        let mut value = T::default();
+        // BPF_MAP_LOOKUP_ELEM
+        self.call_raw(1, Some(&key), &mut value as *mut T as u64)
+            .with_context(|| format!("BPF_MAP_LOOKUP_ELEM {key:#x}"))?;
+        Ok(value)
+    }
+
+    /// Overwrites the value under `key` (see [`PinnedU64Map::get`]).
+    pub fn set<T: Copy>(&self, key: u64, value: &T) -> Result<()> {
+        // BPF_MAP_UPDATE_ELEM
+        self.call_raw(2, Some(&key), value as *const T as u64)
+            .with_context(|| format!("BPF_MAP_UPDATE_ELEM {key:#x}"))
     }
 
     pub fn delete(&self, key: u64) -> Result<()> {

@@ -625,18 +625,7 @@ fn joined_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
 #[test]
 fn after_a_fallback_an_overlapping_retransmission_is_delivered_once() -> Result<()> {
     let o = overlap_injected(FAST_PATH_ON, |t| {
-        // The agent's delivery socket: in the server pod, connected to the server's port (`ss`
-        // prints a socket's cookie as `sk:`).
-        let dst = format!("{}:8080", t.server.ip4);
-        let ss = std::process::Command::new("ip")
-            .args(["netns", "exec", &t.server.netns, "ss", "-tneH", "dst", &dst])
-            .output()?;
-        let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
-        let cookie = ss
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("sk:"))
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-            .with_context(|| format!("the delivery socket's cookie in {ss:?}"))?;
+        let cookie = delivery_cookie(t)?;
         let maps = t.n1.bpffs_root.join("maps");
         let peers = PinnedU64Map::open(&maps.join("FERRY_SPLICE_PEERS"))?.keys()?;
         assert!(
@@ -653,6 +642,116 @@ fn after_a_fallback_an_overlapping_retransmission_is_delivered_once() -> Result<
         "the agent tells why"
     );
     o.assert_delivered_once();
+    Ok(())
+}
+
+/// The cookie of the agent's delivery socket: in the server pod, connected to the server's port 8080
+/// (`ss` prints a socket's cookie as `sk:`).
+fn delivery_cookie(t: &SameNode) -> Result<u64> {
+    let dst = format!("{}:8080", t.server.ip4);
+    let ss = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.server.netns, "ss", "-tneH", "dst", &dst])
+        .output()?;
+    let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
+    ss.split_whitespace()
+        .find_map(|w| w.strip_prefix("sk:"))
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .with_context(|| format!("the delivery socket's cookie in {ss:?}"))
+}
+
+/// When the verdict hands userspace a buffer whose already-carried head it could not cut, relaying
+/// it would deliver those bytes twice: the agent ends the connection instead, and says why. The
+/// verdict's finding is set in the client-facing socket's map entry, as the verdict sets it; the
+/// verdict itself then passes the client's next bytes to the agent.
+#[test]
+fn bytes_that_may_repeat_carried_ones_end_the_connection() -> Result<()> {
+    let t = same_node(FAST_PATH_ON)?;
+    let server = r#"
+import socket, threading
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 8080))
+l.listen(16)
+print("listening", flush=True)
+def serve(c):
+    n = 0
+    try:
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            n += len(b)
+            c.sendall(b)
+    except OSError:
+        pass
+    print("CLOSED", n, flush=True)
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=serve, args=(c,)).start()
+"#;
+    let mut srv = t.server.command("python3");
+    srv.args(["-c", server]);
+    let srv = t.world.spawn(srv, "echo")?;
+    srv.wait_for_output("listening", Duration::from_secs(10))?;
+    let go = t.world.dir.join("repeat-go");
+    let client = r#"
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], 8080))
+for _ in range(10):
+    s.sendall(b"ping")
+    assert s.recv(4) == b"ping"
+    time.sleep(0.01)
+print("EXCHANGED", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+s.settimeout(20)
+s.sendall(b"after" * 100)
+try:
+    got = s.recv(1000)
+    print("ENDED" if not got else "ECHOED", len(got), flush=True)
+except ConnectionResetError:
+    print("ENDED reset", flush=True)
+except socket.timeout:
+    print("TIMEOUT", flush=True)
+"#;
+    let mut cl = t.client.command("python3");
+    cl.args(["-c", client, &t.server.ip4.to_string()]).arg(&go);
+    let cl = t.world.spawn(cl, "client")?;
+    cl.wait_for_output("EXCHANGED", Duration::from_secs(20))?;
+    assert!(
+        events(&t.n1, "splice_redirected")? > 0,
+        "the connection was joined during the exchange"
+    );
+    let delivery = delivery_cookie(&t)?;
+    let peers = PinnedU64Map::open(&t.n1.bpffs_root.join("maps/FERRY_SPLICE_PEERS"))?;
+    let facing = peers
+        .keys()?
+        .into_iter()
+        .find(|&k| k != delivery)
+        .context("the client-facing socket's entry")?;
+    let mut entry: ferry_common::SplicePeer = peers.get(facing)?;
+    assert_eq!(entry.peer, delivery, "{entry:?}");
+    entry.passed = ferry_common::pass_reason::REPEAT_TOO_LONG;
+    peers.set(facing, &entry)?;
+    std::fs::write(&go, b"")?;
+    cl.wait_for_output("ENDED", Duration::from_secs(20))?;
+    srv.wait_for_output("CLOSED", Duration::from_secs(10))?;
+    assert!(
+        srv.output().contains("CLOSED 40\n"),
+        "the server got the exchange and none of the bytes after it: {}",
+        srv.output()
+    );
+    t.agent.wait_for(
+        |l| {
+            l.msg()
+                .contains("closing the connection rather than delivering them twice")
+                && l.field("reason").as_deref()
+                    == Some(ferry_common::pass_reason::name(
+                        ferry_common::pass_reason::REPEAT_TOO_LONG,
+                    ))
+        },
+        Duration::from_secs(5),
+    )?;
     Ok(())
 }
 

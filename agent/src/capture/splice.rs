@@ -57,6 +57,14 @@ pub enum Passed {
     Unknown,
 }
 
+impl Passed {
+    /// Whether bytes this socket handed to userspace may repeat bytes it had handed on before (see
+    /// [`pass_reason::may_repeat`]).
+    pub fn may_repeat(self) -> bool {
+        matches!(self, Passed::Because(r) if pass_reason::may_repeat(r))
+    }
+}
+
 impl std::fmt::Display for Passed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -207,6 +207,7 @@ async fn in_kernel(
                     ended[i] = true;
                 }
                 Ok(n) => {
+                    pair.refuse_repeats(from)?;
                     // Rare (a peer that left the sockhash or whose entry was evicted), and the
                     // rest of the connection costs userspace CPU again: worth a line.
                     tracing::info!(
@@ -463,6 +464,24 @@ impl Pair<'_> {
         }
     }
 
+    /// Fails when bytes `from` handed to userspace may repeat bytes it had handed on before (the
+    /// verdict passed a buffer whose repeated head it could not cut): the connection ends rather
+    /// than deliver them twice.
+    fn refuse_repeats(&self, from: Side) -> io::Result<()> {
+        if self.joined.get().is_none() {
+            return Ok(());
+        }
+        let passed = self.passed()[Self::index(from)];
+        if !passed.may_repeat() {
+            return Ok(());
+        }
+        tracing::error!(side = ?from, reason = %passed, "same-node fast path: the kernel handed the agent bytes it may have carried already; closing the connection rather than delivering them twice");
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the same-node fast path may have carried bytes twice ({passed})"),
+        ))
+    }
+
     /// Whether, and why, each socket's bytes went to userspace since the join.
     fn passed(&self) -> [Passed; 2] {
         match self.joined.get() {
@@ -553,6 +572,7 @@ async fn pump(
             return Ok(Pumped::Eof);
         }
         top_up(r, &mut buf)?;
+        pair.refuse_repeats(from)?;
         let n = buf.len();
         // On a joined pair whose bytes came back to userspace, the kernel sends what it redirected
         // into `to` from a work queue, later and in its own time: the agent's bytes must not

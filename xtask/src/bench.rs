@@ -506,7 +506,7 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
             let mut sum = [(0u64, 0u64); 2];
             for round in 0..p.bulk_rounds {
                 for via in order(round) {
-                    let args = vec![
+                    let mut args = vec![
                         "bulk".into(),
                         "--to".into(),
                         b.target(via, topo, SINK),
@@ -515,6 +515,10 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
                         "--bytes".into(),
                         p.bulk_bytes_per_round.to_string(),
                     ];
+                    // The sink checks the stream offset in every word (see the sink's `--verify`).
+                    if std::env::var_os("FERRY_BENCH_VERIFY").is_some() {
+                        args.push("--verify".into());
+                    }
                     let c0 = b.agent_cpu()?;
                     let o = b.client(via, &args, Duration::from_secs(300))?;
                     let got = o.get("bytes")?;

@@ -3,11 +3,12 @@
 //!
 //! - `serve --echo PORT --sink PORT --hold PORT [--verify]`: echo (request/response, churn), sink
 //!   (bulk: counts bytes to EOF and answers a [`SinkReport`]; with `--verify` it also compares every
-//!   byte with the pattern bulk senders send) and hold (idle connections: echoes one byte, then keeps
+//!   byte with what `bulk --verify` senders send) and hold (idle connections: echoes one byte, then keeps
 //!   the connection open until the peer closes). Prints `listening` once bound.
 //! - `rr --to ADDR --size N --count K --warmup W`: one persistent connection, K timed round trips.
 //! - `churn --to ADDR --size N --count K`: K sequential connect, request/response, close.
-//! - `bulk --to ADDR --streams S --bytes B`: S parallel streams into the sink, B bytes in all.
+//! - `bulk --to ADDR --streams S --bytes B [--verify]`: S parallel streams into the sink, B bytes in
+//!   all; with `--verify` every word carries its stream offset, for a sink that verifies.
 //! - `hold --to ADDR --count N`: opens N connections (one byte round trip each), prints `open`, keeps
 //!   them until stdin closes, then closes them and prints `closed`.
 //!
@@ -24,15 +25,24 @@ use std::{
 
 type Res<T> = Result<T, String>;
 
-/// What bulk streams send: 8-byte little-endian words, each the offset of that word within the
-/// pattern, repeated. A byte duplicated, lost or reordered in transit breaks the sequence where it
-/// happened, and the word found there tells where in the pattern the wrong bytes came from.
+/// What bulk streams send: 8-byte little-endian words, each the stream offset it is sent at (with
+/// `--verify`; otherwise the first 256 KiB repeated, which costs the sender nothing per write). A byte
+/// duplicated, lost or reordered in transit breaks the sequence where it happened, and the word found
+/// there tells where in the stream the wrong bytes came from.
 const PATTERN_LEN: usize = 256 * 1024;
 
 fn pattern() -> Vec<u8> {
-    (0..PATTERN_LEN as u64 / 8)
-        .flat_map(|w| (w * 8).to_le_bytes())
-        .collect()
+    let mut p = vec![0u8; PATTERN_LEN];
+    fill(&mut p, 0);
+    p
+}
+
+/// Writes the words of stream offsets `base..` (`base` a multiple of 8) into `buf`.
+fn fill(buf: &mut [u8], base: u64) {
+    for (i, w) in buf.chunks_mut(8).enumerate() {
+        let word = (base + 8 * i as u64).to_le_bytes();
+        w.copy_from_slice(&word[..w.len()]);
+    }
 }
 
 /// The sink's answer at the end of a stream: bytes counted, and the first stream offset whose byte
@@ -191,6 +201,7 @@ fn bulk(args: &[String]) -> Res<()> {
     let streams = num(args, "--streams")?.max(1) as usize;
     let total = num(args, "--bytes")?;
     let per = total / streams as u64;
+    let verify = args.iter().any(|a| a == "--verify");
     // Every stream connects first, so the clock measures transfer, not connection setup.
     let barrier = Arc::new(Barrier::new(streams + 1));
     let mut handles = Vec::new();
@@ -200,10 +211,13 @@ fn bulk(args: &[String]) -> Res<()> {
             let conn = connect(to);
             barrier.wait();
             let mut s = conn?;
-            let buf = pattern();
+            let mut buf = pattern();
             let mut left = per;
             while left > 0 {
                 let n = (buf.len() as u64).min(left) as usize;
+                if verify {
+                    fill(&mut buf, per - left);
+                }
                 s.write_all(&buf[..n]).map_err(|e| format!("write: {e}"))?;
                 left -= n as u64;
             }
@@ -224,11 +238,11 @@ fn bulk(args: &[String]) -> Res<()> {
                     })
                     .collect();
                 return Err(format!(
-                    "the sink received other bytes than were sent from stream offset {} on (of {} counted): the words from offset {aligned} were {} where {:#x} was sent",
+                    "the sink received other bytes than were sent from stream offset {} on (of {} counted): the words from offset {aligned} ({aligned:#x}) were {} (each word is the stream offset it was sent at{})",
                     report.bad_at,
                     report.total,
                     words.join(" "),
-                    aligned % PATTERN_LEN as u64
+                    if verify { "" } else { ", modulo 256 KiB" },
                 ));
             }
             Ok(report.total)
@@ -343,7 +357,7 @@ fn serve_echo(mut c: TcpStream) {
 }
 
 fn serve_sink(mut c: TcpStream, verify: bool) {
-    let want = pattern();
+    let mut want = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut report = SinkReport {
         total: 0,
@@ -357,39 +371,32 @@ fn serve_sink(mut c: TcpStream, verify: bool) {
             Err(_) => return,
         };
         if verify {
-            check(&want, report.total, &buf[..n], &mut report);
+            check(&mut want, report.total, &buf[..n], &mut report);
         }
         report.total += n as u64;
     }
     let _ = c.write_all(&report.encode());
 }
 
-/// Compares `got`, read at stream offset `at`, with the pattern; records the first difference.
-fn check(want: &[u8], at: u64, got: &[u8], report: &mut SinkReport) {
+/// Compares `got`, read at stream offset `at`, with what was sent there (`want` is scratch space);
+/// records the first difference.
+fn check(want: &mut Vec<u8>, at: u64, got: &[u8], report: &mut SinkReport) {
     if report.bad_at != u64::MAX {
         return;
     }
-    let mut done = 0;
-    while done < got.len() {
-        let off = (at as usize + done) % want.len();
-        let len = (want.len() - off).min(got.len() - done);
-        let have = &got[done..done + len];
-        if have != &want[off..off + len] {
-            let k = have
-                .iter()
-                .zip(&want[off..off + len])
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            let bad = done + k;
-            report.bad_at = at + bad as u64;
-            // From the word boundary (in stream offsets) before the first difference.
-            let start = bad.saturating_sub((report.bad_at % 8) as usize);
-            let end = (start + 16).min(got.len());
-            report.found[..end - start].copy_from_slice(&got[start..end]);
-            return;
-        }
-        done += len;
+    let skew = (at % 8) as usize;
+    want.resize(skew + got.len(), 0);
+    fill(want, at - skew as u64);
+    let want = &want[skew..];
+    if got == want {
+        return;
     }
+    let bad = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+    report.bad_at = at + bad as u64;
+    // From the word boundary (in stream offsets) before the first difference.
+    let start = bad.saturating_sub((report.bad_at % 8) as usize);
+    let end = (start + 16).min(got.len());
+    report.found[..end - start].copy_from_slice(&got[start..end]);
 }
 
 /// Closes held connections whose peer closed: a half-closed connection left open would keep the
@@ -435,14 +442,14 @@ mod tests {
     use super::*;
 
     fn verify(stream: &[u8], reads: usize) -> SinkReport {
-        let want = pattern();
+        let mut want = Vec::new();
         let mut report = SinkReport {
             total: 0,
             bad_at: u64::MAX,
             found: [0; 16],
         };
         for piece in stream.chunks(reads) {
-            check(&want, report.total, piece, &mut report);
+            check(&mut want, report.total, piece, &mut report);
             report.total += piece.len() as u64;
         }
         report
@@ -450,8 +457,8 @@ mod tests {
 
     #[test]
     fn the_sink_finds_a_duplicated_buffer_where_it_was_inserted() {
-        let p = pattern();
-        let sent: Vec<u8> = p.iter().chain(&p).chain(&p).copied().collect();
+        let mut sent = vec![0u8; 3 * PATTERN_LEN];
+        fill(&mut sent, 0);
         assert_eq!(verify(&sent, 65_483).bad_at, u64::MAX, "the pattern itself");
         // One 65,483-byte buffer delivered twice, 100,000 bytes into the stream.
         let mut dup = sent[..100_000].to_vec();
@@ -459,6 +466,17 @@ mod tests {
         let r = verify(&dup, 65_483);
         assert_eq!(r.bad_at, 100_000);
         assert_eq!(r.found[..8], sent[34_517..34_525], "what came again");
+        // A repeat as long as the first 256 KiB the sender repeats without --verify is found too.
+        let mut lap = sent[..400_000].to_vec();
+        lap.extend_from_slice(&sent[400_000 - PATTERN_LEN..]);
+        let r = verify(&lap, 65_536);
+        // The first byte that differs: the words' low bytes agree.
+        assert_eq!(r.bad_at, 400_002);
+        assert_eq!(
+            r.found[..8],
+            (400_000 - PATTERN_LEN as u64).to_le_bytes(),
+            "the offset sent at"
+        );
         let mut lost = sent.clone();
         lost.remove(300_000);
         assert_eq!(verify(&lost, 4096).bad_at, 300_000);

@@ -755,6 +755,124 @@ except socket.timeout:
     Ok(())
 }
 
+/// A joined socket that falls back to userspace while the kernel still holds bytes it redirected
+/// into the other socket (its receiving app stalled): the agent's relay must not write the bytes it
+/// now reads ahead of those. The client sends 24 MiB and pauses while the server reads 8 MiB and
+/// stalls; the client-facing socket's entry is then pointed at a socket that is not in the sockhash,
+/// so the verdict cannot redirect the client's next 8 MiB and hands them to the agent. Every byte
+/// arrives once and in order.
+#[test]
+fn a_fallback_behind_a_stalled_receiver_keeps_every_byte_in_order() -> Result<()> {
+    let t = same_node(FAST_PATH_ON)?;
+    let server = r#"
+import socket, time
+P = bytes(range(251)) * 600
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 8080))
+l.listen(16)
+print("listening", flush=True)
+c, _ = l.accept()
+n, bad, stalled = 0, -1, False
+while True:
+    b = c.recv(32768)
+    if not b:
+        break
+    if bad < 0 and b != P[n % 251 : n % 251 + len(b)]:
+        bad = n + next(i for i in range(len(b)) if b[i] != P[(n + i) % 251])
+    n += len(b)
+    if n >= 8 << 20 and not stalled:
+        stalled = True
+        time.sleep(4)
+c.sendall(f"{n} {bad}".encode())
+c.close()
+"#;
+    let mut srv = t.server.command("python3");
+    srv.args(["-c", server]);
+    let srv = t.world.spawn(srv, "stalling")?;
+    srv.wait_for_output("listening", Duration::from_secs(10))?;
+    let go = t.world.dir.join("fallback-go");
+    let client = r#"
+import os, socket, sys, time
+P = bytes(range(251)) * 1100
+s = socket.create_connection((sys.argv[1], 8080))
+time.sleep(0.05)
+sent = 0
+def send(upto):
+    global sent
+    while sent < upto:
+        k = min(262144, upto - sent)
+        s.sendall(P[sent % 251 : sent % 251 + k])
+        sent += k
+# A few small writes with pauses: the agent joins the pair at a quiet moment after its first 5 ms.
+for i in range(1, 6):
+    send(i * 1024)
+    time.sleep(0.02)
+send(24 << 20)
+print("PAUSED", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+send(32 << 20)
+s.shutdown(socket.SHUT_WR)
+got = b""
+while True:
+    b = s.recv(100)
+    if not b:
+        break
+    got += b
+print("RESULT", got.decode(), flush=True)
+"#;
+    let mut cl = t.client.command("python3");
+    cl.args(["-c", client, &t.server.ip4.to_string()]).arg(&go);
+    let cl = t.world.spawn(cl, "client")?;
+    cl.wait_for_output("PAUSED", Duration::from_secs(30))?;
+    assert!(
+        events(&t.n1, "splice_redirected")? > 0,
+        "the connection was joined"
+    );
+    // The client's last bytes have reached the verdict: nothing updates the entry while it is
+    // rewritten.
+    std::thread::sleep(Duration::from_millis(200));
+    let delivery = delivery_cookie(&t)?;
+    let peers = PinnedU64Map::open(&t.n1.bpffs_root.join("maps/FERRY_SPLICE_PEERS"))?;
+    let facing = peers
+        .keys()?
+        .into_iter()
+        .find(|&k| k != delivery)
+        .context("the client-facing socket's entry")?;
+    let mut entry: ferry_common::SplicePeer = peers.get(facing)?;
+    assert_eq!(entry.peer, delivery, "{entry:?}");
+    // Socket cookies count up from 1 and are never reused; this one names no socket.
+    entry.peer = u64::MAX;
+    peers.set(facing, &entry)?;
+    std::fs::write(&go, b"")?;
+    cl.wait_for_output("RESULT", Duration::from_secs(60))?;
+    let n = 32usize << 20;
+    assert!(
+        cl.output().contains(&format!("RESULT {n} -1")),
+        "bytes received and the first offset that differs from what was sent: {}",
+        cl.output()
+    );
+    t.agent.wait_for(
+        |l| {
+            l.msg().contains("bytes went to userspace")
+                && l.field("reason").as_deref()
+                    == Some(ferry_common::pass_reason::name(
+                        ferry_common::pass_reason::REDIRECT_FAILED,
+                    ))
+        },
+        Duration::from_secs(5),
+    )?;
+    // The connection's own byte accounting at its end agrees: every byte each socket was given came
+    // from the verdict or the agent, once.
+    let checked = eventually(Duration::from_secs(5), || {
+        events(&t.n1, "splice_checked").unwrap_or(0) >= 1
+    });
+    assert!(checked, "the joined connection's byte counts were checked");
+    assert_eq!(events(&t.n1, "splice_mismatched")?, 0);
+    Ok(())
+}
+
 /// A joined connection whose receiving app reads slowly: the kernel's sender meets a full send
 /// buffer in the middle of a buffer it redirects, over and over. Every byte still arrives once and in
 /// order.

@@ -31,8 +31,8 @@ use aya_ebpf::{
 };
 use ferry_common::{
     DeliveryKey, FAMILY_V4, FAMILY_V6, OrigDst, PodEntry, RawAddr, SOCK_KIND_HBONE,
-    SOCK_KIND_INBOUND, Settings, SocketKey, SplicePeer, TupleKey, counters, pass_reason,
-    splice_counters,
+    SOCK_KIND_INBOUND, SPLICE_SOCKETS, Settings, SocketKey, SplicePeer, TupleKey, counters,
+    pass_reason, splice_counters,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -64,14 +64,14 @@ static FERRY_SOCKETS: SockHash<SocketKey> = SockHash::pinned(65536, 0);
 #[map(name = "FERRY_DELIVERIES")]
 static FERRY_DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(65536, 0);
 #[map(name = "FERRY_SPLICE")]
-static FERRY_SPLICE: SockHash<u64> = SockHash::pinned(65536, 0);
+static FERRY_SPLICE: SockHash<u64> = SockHash::pinned(SPLICE_SOCKETS, 0);
 #[map(name = "FERRY_SPLICE_PEERS")]
-static FERRY_SPLICE_PEERS: LruHashMap<u64, SplicePeer> = LruHashMap::pinned(65536, 0);
+static FERRY_SPLICE_PEERS: LruHashMap<u64, SplicePeer> = LruHashMap::pinned(SPLICE_SOCKETS, 0);
 /// For a joined socket whose bytes went to userspace: the TCP sequence number of the next byte the
 /// verdict has not passed on, so a repeated head is still cut (the kernel advances `copied_seq` of
 /// such a socket only as the agent reads).
 #[map(name = "FERRY_SPLICE_NEXT")]
-static FERRY_SPLICE_NEXT: LruHashMap<u64, u32> = LruHashMap::pinned(65536, 0);
+static FERRY_SPLICE_NEXT: LruHashMap<u64, u32> = LruHashMap::pinned(SPLICE_SOCKETS, 0);
 #[map(name = "FERRY_SPLICE_COUNTERS")]
 static FERRY_SPLICE_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(splice_counters::COUNT, 0);
 #[map(name = "FERRY_COUNTERS")]

@@ -659,12 +659,13 @@ fn delivery_cookie(t: &SameNode) -> Result<u64> {
         .with_context(|| format!("the delivery socket's cookie in {ss:?}"))
 }
 
-/// When the verdict hands userspace a buffer whose already-carried head it could not cut, relaying
-/// it would deliver those bytes twice: the agent ends the connection instead, and says why. The
-/// verdict's finding is set in the client-facing socket's map entry, as the verdict sets it; the
-/// verdict itself then passes the client's next bytes to the agent.
-#[test]
-fn bytes_that_may_repeat_carried_ones_end_the_connection() -> Result<()> {
+/// Runs an echo exchange until the pair is joined, then `tamper`s with the client-facing socket's
+/// map entry (given the map, the socket's cookie and its entry) and sends more: the agent must end
+/// the connection without relaying those bytes, logging `reason`.
+fn relay_refused(
+    tamper: impl FnOnce(&PinnedU64Map, u64, ferry_common::SplicePeer) -> Result<()>,
+    reason: &str,
+) -> Result<()> {
     let t = same_node(FAST_PATH_ON)?;
     let server = r#"
 import socket, threading
@@ -729,10 +730,9 @@ except socket.timeout:
         .into_iter()
         .find(|&k| k != delivery)
         .context("the client-facing socket's entry")?;
-    let mut entry: ferry_common::SplicePeer = peers.get(facing)?;
+    let entry: ferry_common::SplicePeer = peers.get(facing)?;
     assert_eq!(entry.peer, delivery, "{entry:?}");
-    entry.passed = ferry_common::pass_reason::REPEAT_TOO_LONG;
-    peers.set(facing, &entry)?;
+    tamper(&peers, facing, entry)?;
     std::fs::write(&go, b"")?;
     cl.wait_for_output("ENDED", Duration::from_secs(20))?;
     srv.wait_for_output("CLOSED", Duration::from_secs(10))?;
@@ -743,16 +743,40 @@ except socket.timeout:
     );
     t.agent.wait_for(
         |l| {
-            l.msg()
-                .contains("closing the connection rather than delivering them twice")
-                && l.field("reason").as_deref()
-                    == Some(ferry_common::pass_reason::name(
-                        ferry_common::pass_reason::REPEAT_TOO_LONG,
-                    ))
+            l.msg().contains("closing the connection rather")
+                && l.field("reason").as_deref() == Some(reason)
         },
         Duration::from_secs(5),
     )?;
     Ok(())
+}
+
+/// When the verdict hands userspace a buffer whose already-carried head it could not cut, relaying
+/// it would deliver those bytes twice: the agent ends the connection instead, and says why. The
+/// verdict's finding is set in the entry, as the verdict sets it; the verdict itself then passes the
+/// client's next bytes to the agent.
+#[test]
+fn bytes_that_may_repeat_carried_ones_end_the_connection() -> Result<()> {
+    use ferry_common::pass_reason::{REPEAT_TOO_LONG, name};
+    relay_refused(
+        |peers, facing, mut entry| {
+            entry.passed = REPEAT_TOO_LONG;
+            peers.set(facing, &entry)
+        },
+        name(REPEAT_TOO_LONG),
+    )
+}
+
+/// A joined socket whose entry the LRU map evicted passes its bytes to userspace, and the count
+/// that tells whether the kernel still holds bytes it redirected into the other socket went with
+/// the entry: the agent cannot order the new bytes after those, and ends the connection rather
+/// than risk reordering them.
+#[test]
+fn bytes_of_a_socket_whose_entry_was_evicted_end_the_connection() -> Result<()> {
+    relay_refused(
+        |peers, facing, _| peers.delete(facing),
+        "its map entry is gone",
+    )
 }
 
 /// A joined socket that falls back to userspace while the kernel still holds bytes it redirected

@@ -15,7 +15,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -38,7 +38,14 @@ pub struct Splice {
     mismatched: AtomicU64,
     /// Buffers of ended joined connections whose repeated head the verdict cut.
     repeats: AtomicU64,
+    /// Joined pairs alive now (see [`MAX_JOINED`]).
+    live: AtomicUsize,
 }
+
+/// The most pairs joined at once: a quarter of the maps' entries (two per pair), so the LRU map of
+/// peer entries never has to evict a live one — which would lose the counts the relay needs — even
+/// beside a predecessor's entries during a handoff. Pairs beyond it are relayed in userspace.
+pub const MAX_JOINED: usize = ferry_common::SPLICE_SOCKETS as usize / 4;
 
 /// One of the two sockets of a joined pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,14 +62,6 @@ pub enum Passed {
     Because(u32),
     /// Its entry is gone (evicted) or unreadable: as good as passed.
     Unknown,
-}
-
-impl Passed {
-    /// Whether bytes this socket handed to userspace may repeat bytes it had handed on before (see
-    /// [`pass_reason::may_repeat`]).
-    pub fn may_repeat(self) -> bool {
-        matches!(self, Passed::Because(r) if pass_reason::may_repeat(r))
-    }
 }
 
 impl std::fmt::Display for Passed {
@@ -104,19 +103,21 @@ impl Splice {
             checked: AtomicU64::new(0),
             mismatched: AtomicU64::new(0),
             repeats: AtomicU64::new(0),
+            live: AtomicUsize::new(0),
         }
     }
 
     /// Joins two established TCP sockets: what `a` receives leaves through `b`, and the other way round.
     /// `quiet` names the socket less likely to receive bytes right now; it goes into the map first.
     ///
-    /// Fails without changing anything when the pair cannot be joined (the caller relays in userspace).
+    /// Fails without changing anything when the pair cannot be joined (the caller relays in userspace);
+    /// `None` when [`MAX_JOINED`] pairs are joined already.
     pub fn join(
         self: &Arc<Self>,
         a: &impl AsRawFd,
         b: &impl AsRawFd,
         quiet: Side,
-    ) -> Result<Joined, CaptureError> {
+    ) -> Result<Option<Joined>, CaptureError> {
         let cookies = [socket_cookie(a), socket_cookie(b)];
         let [Ok(ca), Ok(cb)] = cookies else {
             return Err(CaptureError::Bpf {
@@ -132,6 +133,16 @@ impl Splice {
             consumed(a).map_err(CaptureError::io("reading TCP_INFO"))?,
             consumed(b).map_err(CaptureError::io("reading TCP_INFO"))?,
         ];
+        // Released by the `Joined` made right after it, whatever happens to it.
+        if self
+            .live
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_JOINED).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Ok(None);
+        }
         let mut joined = Joined {
             splice: self.clone(),
             cookies: [ca, cb],
@@ -176,7 +187,7 @@ impl Splice {
             drop(sockets);
             joined.fall_back();
             tracing::warn!(error = %CaptureError::bpf("joining in FERRY_SPLICE")(e), "same-node fast path not used for this connection");
-            return Ok(joined);
+            return Ok(Some(joined));
         }
         drop(sockets);
         // Bytes that reached a socket after the caller saw its queue empty but before the socket was in
@@ -188,7 +199,7 @@ impl Splice {
             joined.fall_back();
             tracing::warn!(error = %e, "same-node fast path not used for this connection: handing queued bytes to the verdict");
         }
-        Ok(joined)
+        Ok(Some(joined))
     }
 
     /// Joined connections checked at their end, and those whose counts did not add up.
@@ -298,6 +309,7 @@ impl Joined {
 
 impl Drop for Joined {
     fn drop(&mut self) {
+        self.splice.live.fetch_sub(1, Ordering::Relaxed);
         // A closed socket leaves the sockhash by itself; its peer entry does not.
         if let Ok(mut sockets) = self.splice.sockets.lock() {
             for c in &self.cookies {

@@ -207,7 +207,7 @@ async fn in_kernel(
                     ended[i] = true;
                 }
                 Ok(n) => {
-                    pair.refuse_repeats(from)?;
+                    pair.refuse_unsafe_relay(from)?;
                     // Rare (a peer that left the sockhash or whose entry was evicted), and the
                     // rest of the connection costs userspace CPU again: worth a line.
                     tracing::info!(
@@ -349,7 +349,14 @@ impl Pair<'_> {
             let _ = socket2::SockRef::from(s).set_send_buffer_size(JOINED_SNDBUF);
         }
         let (joined, clean) = match splice.join(&sa, &sb, self.quiet_side(from)) {
-            Ok(j) => {
+            Ok(None) => {
+                tracing::debug!(
+                    "same-node fast path not used for this connection: {} pairs are joined already",
+                    crate::capture::splice::MAX_JOINED
+                );
+                (None, false)
+            }
+            Ok(Some(j)) => {
                 // A socket whose bytes went to userspace while its peer was not in the map yet
                 // keeps sending them there: the relay goes on reading both.
                 let passed = j.passed();
@@ -464,21 +471,28 @@ impl Pair<'_> {
         }
     }
 
-    /// Fails when bytes `from` handed to userspace may repeat bytes it had handed on before (the
-    /// verdict passed a buffer whose repeated head it could not cut): the connection ends rather
-    /// than deliver them twice.
-    fn refuse_repeats(&self, from: Side) -> io::Result<()> {
+    /// Fails when the agent cannot relay bytes `from` handed to userspace safely, and the connection
+    /// ends instead: they may repeat bytes it had handed on before (the verdict passed a buffer whose
+    /// repeated head it could not cut), or `from`'s map entry is gone (evicted), and with it the
+    /// count that tells whether the kernel still holds bytes that must go out first.
+    fn refuse_unsafe_relay(&self, from: Side) -> io::Result<()> {
         if self.joined.get().is_none() {
             return Ok(());
         }
         let passed = self.passed()[Self::index(from)];
-        if !passed.may_repeat() {
-            return Ok(());
-        }
-        tracing::error!(side = ?from, reason = %passed, "same-node fast path: the kernel handed the agent bytes it may have carried already; closing the connection rather than delivering them twice");
+        let why = match passed {
+            Passed::Because(r) if ferry_common::pass_reason::may_repeat(r) => {
+                "the kernel handed the agent bytes it may have carried already; closing the connection rather than delivering them twice"
+            }
+            Passed::Unknown => {
+                "a joined socket's map entry is gone (FERRY_SPLICE_PEERS evicted it), so the agent cannot order its bytes after those the kernel still holds; closing the connection rather than risk reordering them"
+            }
+            Passed::No | Passed::Because(_) => return Ok(()),
+        };
+        tracing::error!(side = ?from, reason = %passed, "same-node fast path: {why}");
         Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("the same-node fast path may have carried bytes twice ({passed})"),
+            format!("same-node fast path: {why} ({passed})"),
         ))
     }
 
@@ -572,7 +586,7 @@ async fn pump(
             return Ok(Pumped::Eof);
         }
         top_up(r, &mut buf)?;
-        pair.refuse_repeats(from)?;
+        pair.refuse_unsafe_relay(from)?;
         let n = buf.len();
         // On a joined pair whose bytes came back to userspace, the kernel sends what it redirected
         // into `to` from a work queue, later and in its own time: the agent's bytes must not

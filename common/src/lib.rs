@@ -9,11 +9,11 @@
 /// Bumped whenever a pinned map's key or value layout changes.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
 
-/// Address family tags carried in keys (the kernel's `AF_INET` / `AF_INET6`).
 /// Entries of each of the fast path's maps (`FERRY_SPLICE`, `FERRY_SPLICE_PEERS`,
 /// `FERRY_SPLICE_NEXT`): one per socket, two per joined connection.
 pub const SPLICE_SOCKETS: u32 = 65536;
 
+/// Address family tags carried in keys (the kernel's `AF_INET` / `AF_INET6`).
 pub const FAMILY_V4: u16 = 2;
 pub const FAMILY_V6: u16 = 10;
 

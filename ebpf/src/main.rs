@@ -541,7 +541,7 @@ static TCP_COPIED_SEQ_OFFSET: u32 = 0;
 
 /// The most a buffer's head may repeat. A buffer in the receive queue is not bounded by a segment:
 /// TCP merges arriving segments into the last queued buffer up to `MAX_SKB_FRAGS` page fragments (17
-/// by default, at most 32 KiB each), and the agent may have read part of one before the join.
+/// by default, at most 32 KiB each), so neither is a repeated head.
 const MAX_REPEAT: u32 = CUT_STEPS * CUT_STEP;
 
 /// `bpf_skb_adjust_room` cuts at most 4,095 bytes a call from an sk_skb buffer.

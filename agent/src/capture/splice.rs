@@ -248,11 +248,10 @@ impl Joined {
         })
     }
 
-    /// Whether `to` has taken, into its send queue or already acknowledged, every byte the kernel
-    /// redirected into it plus the `user` bytes the agent wrote to it itself since the join. The kernel
-    /// hands redirected bytes to the sending socket from a work queue: shutting down `to` before they are
-    /// all in would lose them.
-    /// Returns how many of those bytes `to` has not taken yet (0: drained).
+    /// How many of the bytes the kernel redirected into `to` plus the `user` bytes the agent wrote to
+    /// it itself since the join `to` has not taken yet, into its send queue or already acknowledged
+    /// (0: drained). The kernel hands redirected bytes to the sending socket from a work queue:
+    /// shutting down `to`, or writing to it, before they are all in would lose or overtake them.
     pub fn undrained(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<u64> {
         let (given, into) = self.given_and_redirected(to, fd)?;
         Ok((into + user).saturating_sub(given))
@@ -383,7 +382,7 @@ fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
 /// bytes at once on loopback), which made a join's starting point low and the end-of-connection
 /// check report a surplus that was not there. The queue is read before and after: equal, nothing
 /// was acknowledged in between and the sum is exact; otherwise it is read again. A socket that
-/// keeps moving gets the low sum, which only makes [`Joined::drained`] wait a little longer.
+/// keeps moving gets the low sum, which only makes [`Joined::undrained`] wait a little longer.
 fn written(sock: &impl AsRawFd) -> io::Result<u64> {
     let mut queued = crate::netns::unsent_bytes(sock)?;
     let mut sum = 0;

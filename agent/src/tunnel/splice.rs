@@ -505,7 +505,7 @@ impl Pair<'_> {
     }
 
     /// Before writing bytes or an end of stream into `to`: waits until the kernel has handed `to`
-    /// every byte it redirected into it (see [`Joined::drained`]).
+    /// every byte it redirected into it (see [`Joined::undrained`]).
     async fn drained(&self, to: Side) -> io::Result<()> {
         let Some(Some(JoinedAt {
             joined,

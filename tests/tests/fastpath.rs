@@ -748,6 +748,7 @@ except socket.timeout:
         },
         Duration::from_secs(5),
     )?;
+    assert_eq!(events(&t.n1, "splice_refused")?, 1);
     Ok(())
 }
 

@@ -446,6 +446,7 @@ impl Capture {
             out.insert("splice_checked", checked);
             out.insert("splice_mismatched", mismatched);
             out.insert("splice_repeat_cut", splice.repeats());
+            out.insert("splice_refused", splice.refused());
         }
         out
     }

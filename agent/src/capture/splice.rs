@@ -38,6 +38,8 @@ pub struct Splice {
     mismatched: AtomicU64,
     /// Buffers of ended joined connections whose repeated head the verdict cut.
     repeats: AtomicU64,
+    /// Connections ended because bytes the kernel handed the agent could not be relayed safely.
+    refused: AtomicU64,
     /// Joined pairs alive now (see [`MAX_JOINED`]).
     live: AtomicUsize,
 }
@@ -103,6 +105,7 @@ impl Splice {
             checked: AtomicU64::new(0),
             mismatched: AtomicU64::new(0),
             repeats: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             live: AtomicUsize::new(0),
         }
     }
@@ -214,6 +217,12 @@ impl Splice {
     pub fn repeats(&self) -> u64 {
         self.repeats.load(Ordering::Relaxed)
     }
+
+    /// Connections ended rather than relay bytes the kernel handed the agent (see
+    /// [`Joined::record_refused`]).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
 }
 
 impl Joined {
@@ -224,6 +233,12 @@ impl Joined {
         if !whole {
             self.splice.mismatched.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a connection ended because bytes the kernel handed the agent could have been delivered
+    /// twice or out of order, for the `splice_refused` capture event.
+    pub fn record_refused(&self) {
+        self.splice.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Bytes the kernel carried so far: (`a` → `b`, `b` → `a`).

@@ -476,9 +476,9 @@ impl Pair<'_> {
     /// repeated head it could not cut), or `from`'s map entry is gone (evicted), and with it the
     /// count that tells whether the kernel still holds bytes that must go out first.
     fn refuse_unsafe_relay(&self, from: Side) -> io::Result<()> {
-        if self.joined.get().is_none() {
+        let Some(Some(at)) = self.joined.get() else {
             return Ok(());
-        }
+        };
         let passed = self.passed()[Self::index(from)];
         let why = match passed {
             Passed::Because(r) if ferry_common::pass_reason::may_repeat(r) => {
@@ -489,6 +489,7 @@ impl Pair<'_> {
             }
             Passed::No | Passed::Because(_) => return Ok(()),
         };
+        at.joined.record_refused();
         tracing::error!(side = ?from, reason = %passed, "same-node fast path: {why}");
         Err(io::Error::new(
             io::ErrorKind::InvalidData,

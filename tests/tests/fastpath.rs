@@ -661,11 +661,12 @@ fn delivery_cookie(t: &SameNode) -> Result<u64> {
 
 /// Runs an echo exchange until the pair is joined, then `tamper`s with the client-facing socket's
 /// map entry (given the map, the socket's cookie and its entry) and sends more: the agent must end
-/// the connection without relaying those bytes, logging `reason`.
-fn relay_refused(
+/// the connection without relaying those bytes, and log a line `said` accepts within `within`.
+fn relay_ended(
     tamper: impl FnOnce(&PinnedU64Map, u64, ferry_common::SplicePeer) -> Result<()>,
-    reason: &str,
-) -> Result<()> {
+    said: impl Fn(&ferry_e2e::LogLine) -> bool,
+    within: Duration,
+) -> Result<SameNode> {
     let t = same_node(FAST_PATH_ON)?;
     let server = r#"
 import socket, threading
@@ -705,7 +706,7 @@ for _ in range(10):
 print("EXCHANGED", flush=True)
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.01)
-s.settimeout(20)
+s.settimeout(60)
 s.sendall(b"after" * 100)
 try:
     got = s.recv(1000)
@@ -734,21 +735,57 @@ except socket.timeout:
     assert_eq!(entry.peer, delivery, "{entry:?}");
     tamper(&peers, facing, entry)?;
     std::fs::write(&go, b"")?;
-    cl.wait_for_output("ENDED", Duration::from_secs(20))?;
+    cl.wait_for_output("ENDED", within + Duration::from_secs(10))?;
     srv.wait_for_output("CLOSED", Duration::from_secs(10))?;
     assert!(
         srv.output().contains("CLOSED 40\n"),
         "the server got the exchange and none of the bytes after it: {}",
         srv.output()
     );
-    t.agent.wait_for(
+    t.agent.wait_for(said, Duration::from_secs(5))?;
+    Ok(t)
+}
+
+/// [`relay_ended`] for a refusal: the agent says why (`reason`) and counts it.
+fn relay_refused(
+    tamper: impl FnOnce(&PinnedU64Map, u64, ferry_common::SplicePeer) -> Result<()>,
+    reason: &str,
+) -> Result<()> {
+    let t = relay_ended(
+        tamper,
         |l| {
             l.msg().contains("closing the connection rather")
                 && l.field("reason").as_deref() == Some(reason)
         },
-        Duration::from_secs(5),
+        Duration::from_secs(10),
     )?;
     assert_eq!(events(&t.n1, "splice_refused")?, 1);
+    Ok(())
+}
+
+/// Bytes the verdict counted as redirected into the server-facing socket that never reach it (as if
+/// the kernel lost them): once the client-facing socket falls back, the relay waits for them before
+/// writing, sees the count stop while that socket has nothing left to send, and ends the connection
+/// after its 10 s limit, naming the shortfall — rather than hang, or write ahead of them.
+#[test]
+fn redirected_bytes_that_never_arrive_end_the_connection() -> Result<()> {
+    let t = relay_ended(
+        |peers, facing, mut entry| {
+            entry.redirected += 1000;
+            // No such socket: the client's next bytes go to the agent.
+            entry.peer = u64::MAX;
+            peers.set(facing, &entry)
+        },
+        |l| {
+            l.is_access()
+                && l.field("result").as_deref() == Some("error")
+                && l.field("reason").is_some_and(|e| {
+                    e.contains("did not hand 1000 redirected bytes to the server-facing socket")
+                })
+        },
+        Duration::from_secs(20),
+    )?;
+    assert_eq!(events(&t.n1, "splice_refused")?, 0);
     Ok(())
 }
 

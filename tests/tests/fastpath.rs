@@ -645,6 +645,49 @@ fn after_a_fallback_an_overlapping_retransmission_is_delivered_once() -> Result<
     Ok(())
 }
 
+/// `tests/fastpath/pattern.py`: a stream whose every byte tells its offset.
+fn pattern_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fastpath/pattern.py")
+}
+
+/// The checking server of `pattern.py` on the server pod's port 8080, with `args`.
+fn pattern_server(t: &SameNode, args: &[&str]) -> Result<Proc> {
+    let mut srv = t.server.command("python3");
+    srv.arg(pattern_script())
+        .args(["server", "8080"])
+        .args(args);
+    let srv = t.world.spawn(srv, "pattern-server")?;
+    srv.wait_for_output("listening", Duration::from_secs(10))?;
+    Ok(srv)
+}
+
+/// The client of `pattern.py` in the client pod, sending `bytes` to the server's port 8080.
+fn pattern_client(t: &SameNode, bytes: usize) -> Command {
+    let mut cl = t.client.command("python3");
+    cl.arg(pattern_script()).args([
+        "client",
+        &t.server.ip4.to_string(),
+        "8080",
+        &bytes.to_string(),
+    ]);
+    cl
+}
+
+/// The client-facing socket of the one joined pair: its map, cookie and entry (whose peer is the
+/// delivery socket).
+fn client_facing_entry(t: &SameNode) -> Result<(PinnedU64Map, u64, ferry_common::SplicePeer)> {
+    let delivery = delivery_cookie(t)?;
+    let peers = PinnedU64Map::open(&t.n1.bpffs_root.join("maps/FERRY_SPLICE_PEERS"))?;
+    let facing = peers
+        .keys()?
+        .into_iter()
+        .find(|&k| k != delivery)
+        .context("the client-facing socket's entry")?;
+    let entry: ferry_common::SplicePeer = peers.get(facing)?;
+    assert_eq!(entry.peer, delivery, "{entry:?}");
+    Ok((peers, facing, entry))
+}
+
 /// The cookie of the agent's delivery socket: in the server pod, connected to the server's port 8080
 /// (`ss` prints a socket's cookie as `sk:`).
 fn delivery_cookie(t: &SameNode) -> Result<u64> {
@@ -724,15 +767,7 @@ except socket.timeout:
         events(&t.n1, "splice_redirected")? > 0,
         "the connection was joined during the exchange"
     );
-    let delivery = delivery_cookie(&t)?;
-    let peers = PinnedU64Map::open(&t.n1.bpffs_root.join("maps/FERRY_SPLICE_PEERS"))?;
-    let facing = peers
-        .keys()?
-        .into_iter()
-        .find(|&k| k != delivery)
-        .context("the client-facing socket's entry")?;
-    let entry: ferry_common::SplicePeer = peers.get(facing)?;
-    assert_eq!(entry.peer, delivery, "{entry:?}");
+    let (peers, facing, entry) = client_facing_entry(&t)?;
     tamper(&peers, facing, entry)?;
     std::fs::write(&go, b"")?;
     cl.wait_for_output("ENDED", within + Duration::from_secs(10))?;
@@ -826,66 +861,11 @@ fn bytes_of_a_socket_whose_entry_was_evicted_end_the_connection() -> Result<()> 
 #[test]
 fn a_fallback_behind_a_stalled_receiver_keeps_every_byte_in_order() -> Result<()> {
     let t = same_node(FAST_PATH_ON)?;
-    let server = r#"
-import socket, time
-P = bytes(range(251)) * 600
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("0.0.0.0", 8080))
-l.listen(16)
-print("listening", flush=True)
-c, _ = l.accept()
-n, bad, stalled = 0, -1, False
-while True:
-    b = c.recv(32768)
-    if not b:
-        break
-    if bad < 0 and b != P[n % 251 : n % 251 + len(b)]:
-        bad = n + next(i for i in range(len(b)) if b[i] != P[(n + i) % 251])
-    n += len(b)
-    if n >= 8 << 20 and not stalled:
-        stalled = True
-        time.sleep(4)
-c.sendall(f"{n} {bad}".encode())
-c.close()
-"#;
-    let mut srv = t.server.command("python3");
-    srv.args(["-c", server]);
-    let srv = t.world.spawn(srv, "stalling")?;
-    srv.wait_for_output("listening", Duration::from_secs(10))?;
+    let _srv = pattern_server(&t, &["--stall-at", &(8 << 20).to_string(), "--stall", "4"])?;
     let go = t.world.dir.join("fallback-go");
-    let client = r#"
-import os, socket, sys, time
-P = bytes(range(251)) * 1100
-s = socket.create_connection((sys.argv[1], 8080))
-time.sleep(0.05)
-sent = 0
-def send(upto):
-    global sent
-    while sent < upto:
-        k = min(262144, upto - sent)
-        s.sendall(P[sent % 251 : sent % 251 + k])
-        sent += k
-# A few small writes with pauses: the agent joins the pair at a quiet moment after its first 5 ms.
-for i in range(1, 6):
-    send(i * 1024)
-    time.sleep(0.02)
-send(24 << 20)
-print("PAUSED", flush=True)
-while not os.path.exists(sys.argv[2]):
-    time.sleep(0.01)
-send(32 << 20)
-s.shutdown(socket.SHUT_WR)
-got = b""
-while True:
-    b = s.recv(100)
-    if not b:
-        break
-    got += b
-print("RESULT", got.decode(), flush=True)
-"#;
-    let mut cl = t.client.command("python3");
-    cl.args(["-c", client, &t.server.ip4.to_string()]).arg(&go);
+    let mut cl = pattern_client(&t, 32 << 20);
+    cl.args(["--pause-at", &(24 << 20).to_string(), "--go"])
+        .arg(&go);
     let cl = t.world.spawn(cl, "client")?;
     cl.wait_for_output("PAUSED", Duration::from_secs(30))?;
     assert!(
@@ -895,15 +875,7 @@ print("RESULT", got.decode(), flush=True)
     // The client's last bytes have reached the verdict: nothing updates the entry while it is
     // rewritten.
     std::thread::sleep(Duration::from_millis(200));
-    let delivery = delivery_cookie(&t)?;
-    let peers = PinnedU64Map::open(&t.n1.bpffs_root.join("maps/FERRY_SPLICE_PEERS"))?;
-    let facing = peers
-        .keys()?
-        .into_iter()
-        .find(|&k| k != delivery)
-        .context("the client-facing socket's entry")?;
-    let mut entry: ferry_common::SplicePeer = peers.get(facing)?;
-    assert_eq!(entry.peer, delivery, "{entry:?}");
+    let (peers, facing, mut entry) = client_facing_entry(&t)?;
     // Socket cookies count up from 1 and are never reused; this one names no socket.
     entry.peer = u64::MAX;
     peers.set(facing, &entry)?;
@@ -941,67 +913,25 @@ print("RESULT", got.decode(), flush=True)
 #[test]
 fn a_slow_reader_behind_the_fast_path_gets_every_byte_once() -> Result<()> {
     let t = same_node(FAST_PATH_ON)?;
-    // Checks each chunk against the pattern at its offset (251 is prime, so a repeated or lost run
-    // of bytes shows unless its length is a multiple of it — the total catches those), pausing
-    // between reads so the sender keeps running into a full buffer.
-    let server = r#"
-import socket, time
-P = bytes(range(251)) * 600
-l = socket.socket()
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-l.bind(("0.0.0.0", 8080))
-l.listen(16)
-print("listening", flush=True)
-while True:
-    c, _ = l.accept()
-    n, bad, reads = 0, -1, 0
-    while True:
-        b = c.recv(32768)
-        if not b:
-            break
-        if bad < 0 and b != P[n % 251 : n % 251 + len(b)]:
-            bad = n + next(i for i in range(len(b)) if b[i] != P[(n + i) % 251])
-        n += len(b)
-        reads += 1
-        if reads % 16 == 0:
-            time.sleep(0.005)
-    c.sendall(f"{n} {bad}".encode())
-    c.close()
-"#;
-    let mut srv = t.server.command("python3");
-    srv.args(["-c", server]);
-    let srv = t.world.spawn(srv, "slow")?;
-    srv.wait_for_output("listening", Duration::from_secs(10))?;
-    let client = r#"
-import socket, sys, time
-N = int(sys.argv[2])
-P = bytes(range(251)) * 1100
-s = socket.create_connection((sys.argv[1], 8080))
-time.sleep(0.05)
-sent = 0
-while sent < N:
-    k = min(262144, N - sent)
-    s.sendall(P[sent % 251 : sent % 251 + k])
-    sent += k
-s.shutdown(socket.SHUT_WR)
-got = b""
-while True:
-    b = s.recv(100)
-    if not b:
-        break
-    got += b
-print(got.decode(), flush=True)
-"#;
+    // Pausing between reads keeps the sender running into a full buffer.
+    let _srv = pattern_server(
+        &t,
+        &[
+            "--rcvbuf",
+            "65536",
+            "--pause-every",
+            "16",
+            "--pause",
+            "0.005",
+        ],
+    )?;
     let n: usize = 32 << 20;
     let before = events(&t.n1, "splice_redirected")?;
     for i in 0..3 {
-        let mut cl = t.client.command("python3");
-        cl.args(["-c", client, &t.server.ip4.to_string(), &n.to_string()]);
-        let out = run_with_timeout(cl, Duration::from_secs(120))?;
+        let out = run_with_timeout(pattern_client(&t, n), Duration::from_secs(120))?;
         assert_eq!(
             out.trim(),
-            format!("{n} -1"),
+            format!("RESULT {n} -1"),
             "connection {i}: bytes received and the first offset that differs from what was sent"
         );
     }

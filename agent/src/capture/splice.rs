@@ -253,14 +253,23 @@ impl Joined {
     /// Whether, and why, each socket's bytes went to userspace (a peer was not in the map yet, or left
     /// it, or the guard could not tell a repeat): those bytes wait in that socket for a read, in order.
     pub fn passed(&self) -> [Passed; 2] {
+        [Side::A, Side::B].map(|side| self.passed_by(side))
+    }
+
+    /// [`Joined::passed`] for one socket: one map lookup.
+    pub fn passed_by(&self, side: Side) -> Passed {
         let Ok(peers) = self.splice.peers.lock() else {
-            return [Passed::Unknown; 2];
+            return Passed::Unknown;
         };
-        self.cookies.map(|c| match peers.get(&c, 0) {
+        let cookie = match side {
+            Side::A => self.cookies[0],
+            Side::B => self.cookies[1],
+        };
+        match peers.get(&cookie, 0) {
             Ok(e) if e.passed == 0 => Passed::No,
             Ok(e) => Passed::Because(e.passed),
             Err(_) => Passed::Unknown,
-        })
+        }
     }
 
     /// How many of the bytes the kernel redirected into `to` plus the `user` bytes the agent wrote to

@@ -70,6 +70,7 @@ pub async fn splice(
         splice: fast.cloned(),
         join_at: Instant::now() + JOIN_AFTER,
         idle: [AtomicBool::new(false), AtomicBool::new(false)],
+        drained_for_good: [AtomicBool::new(false), AtomicBool::new(false)],
         joined: OnceLock::new(),
         stats,
     };
@@ -303,6 +304,9 @@ struct Pair<'a> {
     join_at: Instant,
     /// Whether each direction is waiting for bytes to read (not in the middle of a write).
     idle: [AtomicBool; 2],
+    /// Per socket: it was handed every byte the kernel will ever redirect into it (the other
+    /// socket's bytes go to userspace for good), so the relay's writes into it need not wait.
+    drained_for_good: [AtomicBool; 2],
     /// Set once joining was tried; `None` when joining failed.
     joined: OnceLock<Option<JoinedAt>>,
     stats: &'a CopyStats,
@@ -479,7 +483,7 @@ impl Pair<'_> {
         let Some(Some(at)) = self.joined.get() else {
             return Ok(());
         };
-        let passed = self.passed()[Self::index(from)];
+        let passed = at.joined.passed_by(from);
         let why = match passed {
             Passed::Because(r) if ferry_common::pass_reason::may_repeat(r) => {
                 "the kernel handed the agent bytes it may have carried already; closing the connection rather than delivering them twice"
@@ -515,6 +519,10 @@ impl Pair<'_> {
         else {
             return Ok(());
         };
+        let done = &self.drained_for_good[Self::index(to)];
+        if done.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         // SAFETY: the descriptor belongs to a stream that outlives the relay.
         let sock = unsafe { BorrowedFd::borrow_raw(self.fds[Self::index(to)]) };
         let user = || {
@@ -529,6 +537,12 @@ impl Pair<'_> {
         loop {
             let left = joined.undrained(to, &sock, user())?;
             if left == 0 {
+                // A socket that passed once passes for good: the verdict redirects nothing more
+                // out of it, so the count into `to` is final.
+                let from = if to == Side::A { Side::B } else { Side::A };
+                if matches!(joined.passed_by(from), Passed::Because(_)) {
+                    done.store(true, Ordering::Relaxed);
+                }
                 return Ok(());
             }
             // The kernel's sender moves on whenever `to` has room. A count that stays put while
@@ -633,6 +647,7 @@ mod tests {
             splice: None,
             join_at: Instant::now(),
             idle: [AtomicBool::new(false), AtomicBool::new(false)],
+            drained_for_good: [AtomicBool::new(false), AtomicBool::new(false)],
             joined: OnceLock::new(),
             stats,
         }

@@ -7,6 +7,13 @@
 //! (ABBA order) so drift on this shared machine hits both alike. A third, unrouted node carries the
 //! memory-per-pod measurement with its own agent.
 //!
+//! Request/response and bulk also run a *reference*: the plain pods' traffic through plain relays
+//! (`ferry-bench relay`: two blocking threads copying bytes, no TLS, no framing, no policy), one at
+//! each end across nodes and one on the client's side on the same node, where the agents sit. It is
+//! about the least two proxies in the agents' place can cost on this machine, so it tells how much of
+//! Ferry's cross-node cost is the hops themselves and how much is Ferry's. (On the same node the
+//! relay's second leg crosses the bridge, which the agent's delivery does not: not a floor there.)
+//!
 //! Output: a markdown table on stdout, `bench.json` and `latency.svg` in the output directory.
 use std::{
     collections::BTreeMap,
@@ -26,6 +33,10 @@ use crate::Bins;
 const ECHO: u16 = 9000;
 const SINK: u16 = 9001;
 const HOLD: u16 = 9002;
+/// The reference relays listen on the service port plus these: cross-node (client and remote pod),
+/// same-node (client pod only).
+const RELAY_CROSS: u16 = 100;
+const RELAY_SAME: u16 = 200;
 const KIB: u64 = 1024;
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -80,6 +91,8 @@ impl Params {
 enum Via {
     Direct,
     Ferry,
+    /// The plain pods through the reference relays.
+    Relays,
 }
 
 impl Via {
@@ -87,6 +100,7 @@ impl Via {
         match self {
             Via::Direct => "direct",
             Via::Ferry => "ferry",
+            Via::Relays => "relays",
         }
     }
 }
@@ -113,6 +127,8 @@ struct Bench {
     mesh: Trio,
     plain: Trio,
     agents: Vec<Agent>,
+    /// The reference relays' processes (client pod, remote pod).
+    relays: Vec<u32>,
     /// The node of the client and the same-node server (its agent joins same-node pairs).
     n1: Node,
 }
@@ -126,11 +142,18 @@ struct Trio {
 impl Bench {
     fn pods(&self, via: Via) -> &Trio {
         match via {
-            Via::Direct => &self.plain,
+            Via::Direct | Via::Relays => &self.plain,
             Via::Ferry => &self.mesh,
         }
     }
     fn target(&self, via: Via, topo: Topo, port: u16) -> String {
+        if via == Via::Relays {
+            let offset = match topo {
+                Topo::Cross => RELAY_CROSS,
+                Topo::Same => RELAY_SAME,
+            };
+            return format!("127.0.0.1:{}", port + offset);
+        }
         let t = self.pods(via);
         let s = match topo {
             Topo::Same => &t.local,
@@ -178,6 +201,18 @@ impl Bench {
     /// CPU seconds (user + system) of both mesh agents so far.
     fn agent_cpu(&self) -> Result<f64> {
         self.agents.iter().map(|a| cpu_seconds(a.pid)).sum()
+    }
+    /// CPU seconds of the reference relays so far.
+    fn relay_cpu(&self) -> Result<f64> {
+        self.relays.iter().map(|&pid| cpu_seconds(pid)).sum()
+    }
+    /// CPU seconds of what carries `via`'s traffic besides the apps (nothing for direct TCP).
+    fn carrier_cpu(&self, via: Via) -> Result<f64> {
+        match via {
+            Via::Direct => Ok(0.0),
+            Via::Ferry => self.agent_cpu(),
+            Via::Relays => self.relay_cpu(),
+        }
     }
 }
 
@@ -259,6 +294,8 @@ struct Row {
     unit: &'static str,
     direct: f64,
     ferry: f64,
+    /// The same figure through the reference relays, where measured.
+    relays: Option<f64>,
     /// A target on ferry/direct: (`<=` or `>=`, bound).
     target: Option<(&'static str, f64)>,
 }
@@ -317,6 +354,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// Whether the agents use the same-node fast path.
     pub fast_path: bool,
+    /// Whether request/response and bulk also run through the reference relays.
+    pub reference: bool,
 }
 
 impl Options {
@@ -391,11 +430,11 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
 
     // Request/response on one persistent connection per round.
     for topo in parts(&opts, "rr") {
-        let (mut cpu, mut requests) = (0.0, 0u64);
+        let (mut cpu, mut requests) = ([0.0; 3], 0u64);
         for size in [1u64, KIB] {
-            let mut samples = [Vec::new(), Vec::new()];
+            let mut samples = [Vec::new(), Vec::new(), Vec::new()];
             for round in 0..p.rr_rounds {
-                for via in order(round) {
+                for via in vias(round, opts.reference) {
                     let args = vec![
                         "rr".into(),
                         "--to".into(),
@@ -407,10 +446,10 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
                         "--warmup".into(),
                         p.rr_warmup.to_string(),
                     ];
-                    let c0 = b.agent_cpu()?;
+                    let c0 = b.carrier_cpu(via)?;
                     let o = b.client(via, &args, Duration::from_secs(120))?;
+                    cpu[via as usize] += b.carrier_cpu(via)? - c0;
                     if via == Via::Ferry {
-                        cpu += b.agent_cpu()? - c0;
                         requests += (p.rr_per_round + p.rr_warmup) as u64;
                     }
                     samples[via as usize].extend(o.samples);
@@ -433,15 +472,26 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
                     unit: "µs",
                     direct: pct(&samples[0], q) / 1e3,
                     ferry: pct(&samples[1], q) / 1e3,
+                    relays: opts.reference.then(|| pct(&samples[2], q) / 1e3),
                     target,
                 });
             }
             curves.push((scen, samples));
         }
+        // Every path ran the same number of requests.
         cost.push((
             format!("agent CPU s per 100k requests (RR {})", topo.name()),
-            cpu / requests as f64 * 1e5,
+            cpu[Via::Ferry as usize] / requests as f64 * 1e5,
         ));
+        if opts.reference {
+            cost.push((
+                format!(
+                    "reference relays' CPU s per 100k requests (RR {})",
+                    topo.name()
+                ),
+                cpu[Via::Relays as usize] / requests as f64 * 1e5,
+            ));
+        }
     }
     progress(started, "connection churn");
 
@@ -482,6 +532,7 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
             unit: "1/s",
             direct: n / (elapsed[0] as f64 / 1e9),
             ferry: n / (elapsed[1] as f64 / 1e9),
+            relays: None,
             target: Some((">=", 0.5)),
         });
         rows.push(Row {
@@ -490,6 +541,7 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
             unit: "µs",
             direct: pct(&samples[0], 99.0) / 1e3,
             ferry: pct(&samples[1], 99.0) / 1e3,
+            relays: None,
             target: None,
         });
         cost.push((
@@ -501,11 +553,11 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
 
     // Bulk: 1 and 8 streams into a sink.
     for topo in parts(&opts, "bulk") {
-        let (mut cpu, mut bytes) = (0.0, 0u64);
+        let (mut cpu, mut bytes) = ([0.0; 3], 0u64);
         for streams in [1u32, 8] {
-            let mut sum = [(0u64, 0u64); 2];
+            let mut sum = [(0u64, 0u64); 3];
             for round in 0..p.bulk_rounds {
-                for via in order(round) {
+                for via in vias(round, opts.reference) {
                     let mut args = vec![
                         "bulk".into(),
                         "--to".into(),
@@ -519,11 +571,11 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
                     if std::env::var_os("FERRY_BENCH_VERIFY").is_some() {
                         args.push("--verify".into());
                     }
-                    let c0 = b.agent_cpu()?;
+                    let c0 = b.carrier_cpu(via)?;
                     let o = b.client(via, &args, Duration::from_secs(300))?;
                     let got = o.get("bytes")?;
+                    cpu[via as usize] += b.carrier_cpu(via)? - c0;
                     if via == Via::Ferry {
-                        cpu += b.agent_cpu()? - c0;
                         bytes += got;
                     }
                     let s = &mut sum[via as usize];
@@ -542,13 +594,21 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
                 unit: "Gbit/s",
                 direct: gbps(sum[0]),
                 ferry: gbps(sum[1]),
+                relays: opts.reference.then(|| gbps(sum[2])),
                 target: (streams == 1).then_some((">=", 0.6)),
             });
         }
+        // Every path carried the same bytes (each client checks its sink's count).
         cost.push((
             format!("agent CPU s per GiB (bulk {})", topo.name()),
-            cpu / (bytes as f64 / GIB),
+            cpu[Via::Ferry as usize] / (bytes as f64 / GIB),
         ));
+        if opts.reference {
+            cost.push((
+                format!("reference relays' CPU s per GiB (bulk {})", topo.name()),
+                cpu[Via::Relays as usize] / (bytes as f64 / GIB),
+            ));
+        }
     }
     if ["rr", "churn", "bulk"].iter().any(|p| opts.runs(p)) {
         check_paths(&b)?;
@@ -622,6 +682,7 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
                 "scenario": r.scenario, "metric": r.metric, "unit": r.unit,
                 "direct": r.direct, "ferry": r.ferry, "ratio": r.ratio(),
                 "target": r.target.map(|(op, v)| format!("{op} {v}")), "met": r.met(),
+                "relays": r.relays, "ferry_per_relays": r.relays.map(|v| r.ferry / v),
             })
         })
         .collect();
@@ -637,7 +698,10 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
             let pts = |s: &[u64]| -> Vec<Value> {
                 CURVE.iter().map(|&q| json!([q, pct(s, q) / 1e3])).collect()
             };
-            json!({"scenario": name, "direct": pts(&s[0]), "ferry": pts(&s[1])})
+            json!({
+                "scenario": name, "direct": pts(&s[0]), "ferry": pts(&s[1]),
+                "relays": pts(&s[2]),
+            })
         })
         .collect();
     json_out["machine_at_end"] = machine();
@@ -669,6 +733,17 @@ fn order(round: usize) -> [Via; 2] {
     } else {
         [Via::Ferry, Via::Direct]
     }
+}
+
+/// The paths of a round: direct and Ferry in ABBA order, or with the reference relays each of the
+/// three first, second and last in turn.
+fn vias(round: usize, reference: bool) -> Vec<Via> {
+    if !reference {
+        return order(round).to_vec();
+    }
+    let mut v = vec![Via::Direct, Via::Ferry, Via::Relays];
+    v.rotate_left(round % 3);
+    v
 }
 
 fn size_name(size: u64) -> String {
@@ -747,14 +822,62 @@ fn setup(bin: PathBuf, fast_path: bool) -> Result<Bench> {
         let srv = world.spawn(cmd, &format!("serve-{}", pod.name))?;
         srv.wait_for_output("listening", Duration::from_secs(5))?;
     }
+    // The reference relays: where the agents' sockets are, on the plain pods' path.
+    let mut relays = Vec::new();
+    for (pod, pairs) in [
+        (&plain.client, relay_pairs_client(&plain)),
+        (&plain.remote, relay_pairs_remote(&plain)),
+    ] {
+        let mut cmd = pod.command(&bin);
+        cmd.arg("relay").args(pairs);
+        let r = world.spawn(cmd, &format!("relay-{}", pod.name))?;
+        r.wait_for_output("listening", Duration::from_secs(5))?;
+        relays.push(r.pid);
+    }
     Ok(Bench {
         world,
         bin,
         mesh,
         plain,
         agents,
+        relays,
         n1,
     })
+}
+
+/// The client pod's relay: from its loopback (where the agent's outbound listener is for a mesh pod)
+/// to the remote pod's relay across nodes, and straight to the local server on the same node.
+fn relay_pairs_client(plain: &Trio) -> Vec<String> {
+    let mut pairs = Vec::new();
+    for port in [ECHO, SINK] {
+        pairs.push(format!(
+            "127.0.0.1:{}={}:{}",
+            port + RELAY_CROSS,
+            plain.remote.ip4,
+            port + RELAY_CROSS
+        ));
+        pairs.push(format!(
+            "127.0.0.1:{}={}:{port}",
+            port + RELAY_SAME,
+            plain.local.ip4
+        ));
+    }
+    pairs
+}
+
+/// The remote pod's relay: from its pod address (where the agent's inbound socket is for a mesh pod)
+/// to its server, as the agent delivers.
+fn relay_pairs_remote(plain: &Trio) -> Vec<String> {
+    [ECHO, SINK]
+        .iter()
+        .map(|port| {
+            format!(
+                "{ip}:{}={ip}:{port}",
+                port + RELAY_CROSS,
+                ip = plain.remote.ip4
+            )
+        })
+        .collect()
 }
 
 fn enrolled(a: &Agent) -> usize {
@@ -1120,6 +1243,27 @@ fn render(rows: &[Row], cost: &[(String, f64)], conns: &Section, pods: &Section)
             }
         );
     }
+    let reference: Vec<&Row> = rows.iter().filter(|r| r.relays.is_some()).collect();
+    if !reference.is_empty() {
+        md.push_str(
+            "\n### Reference: plain relays in the agents' place\n\nThe plain pods through `ferry-bench relay` (two blocking threads per connection copying bytes; no TLS, no framing, no policy): one at each end across nodes, where it is about the least two proxies in the agents' place cost here. On the same node one relay in the client pod, whose second leg crosses the bridge where the agent delivers over the server pod's loopback: not a floor there.\n\n| scenario | metric | direct | relays | relays/direct | Ferry | Ferry/relays |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        );
+        for r in reference {
+            let relays = r.relays.unwrap_or(f64::NAN);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} {u} | {} {u} | {:.2}x | {} {u} | {:.2}x |",
+                r.scenario,
+                r.metric,
+                fmt_num(r.direct),
+                fmt_num(relays),
+                relays / r.direct,
+                fmt_num(r.ferry),
+                r.ferry / relays,
+                u = r.unit,
+            );
+        }
+    }
     md.push_str(
         "\n### Agent CPU (both agents, user + system)\n\n| what | value |\n| --- | ---: |\n",
     );
@@ -1136,14 +1280,15 @@ const CURVE: [f64; 15] = [
     0.0, 25.0, 50.0, 68.4, 75.0, 80.0, 90.0, 95.0, 96.8, 99.0, 99.5, 99.68, 99.8, 99.9, 99.95,
 ];
 
-/// Latency percentile curves, direct vs Ferry, one panel per scenario; SVG written by hand.
-fn svg(curves: &[(String, [Vec<u64>; 2])]) -> String {
+/// Latency percentile curves, direct vs Ferry vs the reference relays, one panel per scenario; SVG
+/// written by hand.
+fn svg(curves: &[(String, [Vec<u64>; 3])]) -> String {
     let (pw, ph, ml, mt, mb) = (440.0, 280.0, 60.0, 30.0, 40.0);
     let cols = 2;
     let rows = curves.len().div_ceil(cols);
     let (w, h) = (pw * cols as f64, ph * rows as f64 + 30.0);
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-size=\"14\">Round-trip latency percentiles: direct TCP (blue) vs Ferry (orange)</text>\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-size=\"14\">Round-trip latency percentiles: direct TCP (blue), Ferry (orange), plain relays in the agents' place (green, dashed)</text>\n"
     );
     let xmax = 1.0 / (1.0 - 0.9995_f64);
     let xpos = |q: f64| (1.0 / (1.0 - q / 100.0)).log10() / xmax.log10();
@@ -1191,7 +1336,11 @@ fn svg(curves: &[(String, [Vec<u64>; 2])]) -> String {
                 y + 4.0
             );
         }
-        for (samples, color) in samples.iter().zip(["#1f77b4", "#ff7f0e"]) {
+        for (samples, (color, dash)) in samples
+            .iter()
+            .zip([("#1f77b4", ""), ("#ff7f0e", ""), ("#2ca02c", "5,3")])
+            .filter(|(s, _)| !s.is_empty())
+        {
             let pts: Vec<String> = CURVE
                 .iter()
                 .map(|&q| {
@@ -1201,7 +1350,7 @@ fn svg(curves: &[(String, [Vec<u64>; 2])]) -> String {
                 .collect();
             let _ = writeln!(
                 s,
-                "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>",
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\"/>",
                 pts.join(" ")
             );
         }

@@ -62,6 +62,8 @@ pub fn run(root: &Path) -> Result<()> {
                 out: Some(dir.0.join(format!("bench-{phase}"))),
                 only: parts.iter().map(|p| p.to_string()).collect(),
                 fast_path: false,
+                // Only the agents are profiled.
+                reference: false,
             },
         )?;
         phases.push((phase, profiles(&dir.0, phase)?));

@@ -111,6 +111,8 @@ fn run() -> Result<()> {
                 out,
                 only,
                 fast_path,
+                // A stress run checks Ferry's bytes; the reference would only lengthen it.
+                reference: stress.is_none(),
             };
             match stress {
                 Some(rounds) => stress::run(&bench_bins(&root)?, &target_dir(&root), opts, rounds),
@@ -333,6 +335,7 @@ fn test(root: &Path, no_lint: bool, args: &[String]) -> Result<()> {
             only: Vec::new(),
             // The agents' default; the fast path has its own end-to-end tests.
             fast_path: false,
+            reference: true,
         };
         bench::run(&shipped_bins, &target_dir(root), opts)?;
         // The soak at under a third of its full size: every connection must come back intact, and

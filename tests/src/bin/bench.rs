@@ -11,6 +11,11 @@
 //!   all; with `--verify` every word carries its stream offset, for a sink that verifies.
 //! - `hold --to ADDR --count N`: opens N connections (one byte round trip each), prints `open`, keeps
 //!   them until stdin closes, then closes them and prints `closed`.
+//! - `relay LISTEN=TO ...`: the bench's reference proxy, about the least a userspace hop can do:
+//!   each connection accepted on a `LISTEN` address is copied both ways to its `TO` address by two
+//!   blocking threads (no TLS, no framing, no policy; half-close carried). A pair of them, one per
+//!   node, shows what any design with a proxy at both ends costs on this machine. Prints `listening`
+//!   once every address is bound.
 //!
 //! Every measuring loop is a blocking socket with `TCP_NODELAY`, one thread per stream, and
 //! `Instant` around each operation: the client must cost as little as possible, for direct TCP and
@@ -90,7 +95,8 @@ fn main() {
         Some("churn") => churn(&args),
         Some("bulk") => bulk(&args),
         Some("hold") => hold(&args),
-        _ => Err("usage: ferry-bench serve|rr|churn|bulk|hold ...".into()),
+        Some("relay") => relay(&args),
+        _ => Err("usage: ferry-bench serve|rr|churn|bulk|hold|relay ...".into()),
     };
     if let Err(e) = r {
         eprintln!("ferry-bench: {e}");
@@ -289,6 +295,65 @@ fn hold(args: &[String]) -> Res<()> {
     drop(conns);
     println!("closed");
     Ok(())
+}
+
+fn relay(args: &[String]) -> Res<()> {
+    let mut listeners = Vec::new();
+    for pair in &args[1..] {
+        let (at, to) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?}: want LISTEN=TO"))?;
+        let at: SocketAddr = at.parse().map_err(|e| format!("{at:?}: {e}"))?;
+        let to: SocketAddr = to.parse().map_err(|e| format!("{to:?}: {e}"))?;
+        let l = TcpListener::bind(at).map_err(|e| format!("listen on {at}: {e}"))?;
+        listeners.push((l, to));
+    }
+    if listeners.is_empty() {
+        return Err("relay: no LISTEN=TO pair".into());
+    }
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|(l, to)| std::thread::spawn(move || relay_from(&l, to)))
+        .collect();
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn relay_from(listener: &TcpListener, to: SocketAddr) {
+    for c in listener.incoming() {
+        let Ok(a) = c else { continue };
+        let Ok(b) = TcpStream::connect(to) else {
+            continue;
+        };
+        let _ = a.set_nodelay(true);
+        let _ = b.set_nodelay(true);
+        let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+            continue;
+        };
+        std::thread::spawn(move || pump(a, b));
+        std::thread::spawn(move || pump(b2, a2));
+    }
+}
+
+/// Copies `from` into `to` until EOF or an error, then passes the end on.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    let _ = from.shutdown(Shutdown::Read);
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
 }
 
 fn listen(port: u16) -> Res<TcpListener> {

@@ -309,7 +309,7 @@ impl Joined {
     /// Bytes `to` was given to send since the join beyond the `user` bytes the agent wrote to it and
     /// those the kernel redirected into it: zero unless the kernel sent something twice (positive)
     /// or lost it (negative). For a socket the agent has shut down for writing, once both directions
-    /// have seen their end of stream: its FIN takes a sequence number, which [`written`] counts.
+    /// have seen their end of stream: its FIN takes a sequence number, which `written` counts.
     pub fn surplus(&self, to: Side, fd: &impl AsRawFd, user: u64) -> io::Result<i64> {
         let (given, into) = self.given_and_redirected(to, fd)?;
         Ok(given as i64 - (into + user) as i64 - 1)

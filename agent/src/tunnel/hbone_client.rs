@@ -135,7 +135,7 @@ impl HboneClient {
     }
 
     /// Like [`HboneClient::connect`], with the connection's first bytes right behind the request
-    /// (see [`HboneClient::connect_in_slot`]).
+    /// (see `HboneClient::connect_in_slot`).
     pub async fn connect_with_early_data(
         &self,
         target: SocketAddr,

@@ -118,7 +118,7 @@ impl PooledClient {
     }
 
     /// Opens the stream with the connection's first bytes right behind the request; see
-    /// [`HboneClient::connect_in_slot`].
+    /// `HboneClient::connect_in_slot`.
     pub async fn connect_with_early_data(
         self,
         target: SocketAddr,

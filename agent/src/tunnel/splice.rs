@@ -54,7 +54,7 @@ const DRAIN_STALL: Duration = Duration::from_secs(10);
 /// fast path) at the first moment both receive queues are empty and neither direction is in the
 /// middle of a write: the kernel's verdict takes whole socket buffers, and one userspace had read in
 /// part would be sent again from its start. From then on the agent reads neither socket: it waits
-/// for each stream's end (see [`EndWatch`]), which it carries on once the kernel has handed over
+/// for each stream's end (see `EndWatch`), which it carries on once the kernel has handed over
 /// every byte before it. If joining fails the relay goes on in userspace.
 pub async fn splice(
     a: TcpStream,

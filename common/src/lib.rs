@@ -13,6 +13,12 @@ pub const MAP_LAYOUT_VERSION: u32 = 1;
 /// `FERRY_SPLICE_NEXT`): one per socket, two per joined connection.
 pub const SPLICE_SOCKETS: u32 = 65536;
 
+/// The most pairs the agent joins at once (its default, and the bound of `capture.fast_path_max_pairs`):
+/// a quarter of the maps' entries (two per pair), so the LRU map of peer entries never has to evict a
+/// live one — which would lose the counts the relay needs — even beside a predecessor's entries
+/// during a handoff.
+pub const SPLICE_MAX_PAIRS: u32 = SPLICE_SOCKETS / 4;
+
 /// Address family tags carried in keys (the kernel's `AF_INET` / `AF_INET6`).
 pub const FAMILY_V4: u16 = 2;
 pub const FAMILY_V6: u16 = 10;

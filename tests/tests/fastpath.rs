@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use ferry_e2e::{
     Agent, DENY_SHOP, Node, NodeOptions, PinnedU64Map, Pod, Proc, World, dial, eventually,
     run_with_timeout, testapp,
@@ -274,6 +274,77 @@ fn joined_hold(t: &SameNode, seconds: u32) -> Result<(SocketAddr, Proc, Proc)> {
     });
     assert!(joined, "the kernel carries the hold's bytes");
     Ok((to, h, echo))
+}
+
+/// Joined pairs now: each has an entry per socket in `FERRY_SPLICE_PEERS`, made at the join and
+/// removed when the pair ends, with the slot it held under `capture.fast_path_max_pairs`.
+fn joined_pairs(t: &SameNode) -> Result<usize> {
+    let peers = PinnedU64Map::open(&t.n1.bpffs_root.join("maps/FERRY_SPLICE_PEERS"))?;
+    Ok(peers.keys()?.len() / 2)
+}
+
+/// Waits until `want` pairs are joined.
+fn wait_joined(t: &SameNode, want: usize, what: &str) -> Result<()> {
+    let ok = eventually(Duration::from_secs(5), || {
+        joined_pairs(t).is_ok_and(|n| n == want)
+    });
+    ensure!(
+        ok,
+        "{what}: {:?} pairs joined, want {want}",
+        joined_pairs(t)
+    );
+    Ok(())
+}
+
+/// `capture.fast_path_max_pairs: 1`: a connection opened beside a joined one is relayed in
+/// userspace and still carries its bytes, and the slot comes back when a joined pair ends — after a
+/// clean end and after a policy change closed it — so the cap cannot leak its way to a fast path
+/// that silently stops joining.
+#[test]
+fn pairs_beyond_the_cap_are_relayed_in_userspace_and_ended_pairs_give_their_slot_back() -> Result<()>
+{
+    let t = same_node("capture: {fast_path: true, fast_path_max_pairs: 1}\n")?;
+    let _echo = t
+        .world
+        .serve(t.server.command(testapp()), "0.0.0.0:8080", "cart")?;
+    let to = SocketAddr::new(IpAddr::V4(t.server.ip4), 8080);
+
+    let first = t.world.hold(t.client.command(testapp()), to, 4)?;
+    wait_joined(&t, 1, "the first connection")?;
+    let second = t.world.hold(t.client.command(testapp()), to, 2)?;
+    second.wait_for_output("connected", Duration::from_secs(5))?;
+    // Well past the join delay, and with bytes exchanged every 50 ms.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(joined_pairs(&t)?, 1, "the second connection is not joined");
+    let b = bulk(t.client.command(testapp()), to, 4 << 20, None)?;
+    assert!(b.ok && b.intact && b.received == 4 << 20, "{b:?}");
+    second.wait_for_output("\"ok\":true", Duration::from_secs(10))?;
+    first.wait_for_output("\"ok\":true", Duration::from_secs(10))?;
+    wait_joined(&t, 0, "after every connection ended")?;
+
+    // Sequential connections each get the slot the one before gave back.
+    for i in 0..3 {
+        let h = t.world.hold(t.client.command(testapp()), to, 1)?;
+        wait_joined(&t, 1, &format!("connection {i} after the first ones ended"))?;
+        h.wait_for_output("\"ok\":true", Duration::from_secs(10))?;
+        wait_joined(&t, 0, &format!("after connection {i}"))?;
+    }
+
+    // A joined connection that a policy change closes gives its slot back too.
+    let h = t.world.hold(t.client.command(testapp()), to, 30)?;
+    wait_joined(&t, 1, "the connection the policy will close")?;
+    t.n1.write_policy("deny.yaml", DENY_SHOP)?;
+    h.wait_for_output("\"ok\":false", Duration::from_secs(5))?;
+    wait_joined(&t, 0, "after the policy closed it")?;
+    std::fs::remove_file(t.n1.policies_dir().join("deny.yaml"))?;
+    let allowed = eventually(Duration::from_secs(5), || {
+        dial(t.client.command(testapp()), to, "x").is_ok_and(|d| d.ok)
+    });
+    assert!(allowed, "the policy's removal allows the pods again");
+    let h = t.world.hold(t.client.command(testapp()), to, 1)?;
+    wait_joined(&t, 1, "a connection after the policy closed one")?;
+    h.wait_for_output("\"ok\":true", Duration::from_secs(10))?;
+    Ok(())
 }
 
 /// While a fast-path connection is open `ferry conns` shows the bytes the kernel carried, and a

@@ -259,7 +259,7 @@ impl Capture {
                 Some("disabled in the node config (capture.fast_path)".to_owned()),
             ),
             Some(Err(e)) => (None, Some(e.to_string())),
-            Some(Ok(())) => match attach_splice(&mut ebpf) {
+            Some(Ok(())) => match attach_splice(&mut ebpf, cfg.capture.fast_path_max_pairs) {
                 Ok(s) => (Some(std::sync::Arc::new(s)), None),
                 Err(e) => (None, Some(e.to_string())),
             },
@@ -496,7 +496,7 @@ impl Drop for DeliveryGuard<'_> {
 
 /// Attaches the loaded verdict program to `FERRY_SPLICE`. The attachment replaces whatever an earlier
 /// agent attached, and ends with this process (the sockets it joins die with it too).
-fn attach_splice(ebpf: &mut Ebpf) -> Result<Splice, CaptureError> {
+fn attach_splice(ebpf: &mut Ebpf, max_pairs: u32) -> Result<Splice, CaptureError> {
     let sockets: SockHash<MapData, u64> = take_map(ebpf, maps::SPLICE)?;
     let peers: HashMap<MapData, u64, SplicePeer> = take_map(ebpf, maps::SPLICE_PEERS)?;
     let next: HashMap<MapData, u64, u32> = take_map(ebpf, maps::SPLICE_NEXT)?;
@@ -504,7 +504,7 @@ fn attach_splice(ebpf: &mut Ebpf) -> Result<Splice, CaptureError> {
     prog.attach(sockets.fd()).map_err(CaptureError::bpf(
         "attaching ferry_splice_verdict to FERRY_SPLICE",
     ))?;
-    Ok(Splice::new(sockets, peers, next))
+    Ok(Splice::new(sockets, peers, next, max_pairs))
 }
 
 pub(super) fn poisoned(what: &str) -> CaptureError {

@@ -40,14 +40,12 @@ pub struct Splice {
     repeats: AtomicU64,
     /// Connections ended because bytes the kernel handed the agent could not be relayed safely.
     refused: AtomicU64,
-    /// Joined pairs alive now (see [`MAX_JOINED`]).
+    /// Joined pairs alive now.
     live: AtomicUsize,
+    /// The most pairs joined at once (at most [`ferry_common::SPLICE_MAX_PAIRS`]); pairs beyond it
+    /// are relayed in userspace.
+    max_joined: usize,
 }
-
-/// The most pairs joined at once: a quarter of the maps' entries (two per pair), so the LRU map of
-/// peer entries never has to evict a live one — which would lose the counts the relay needs — even
-/// beside a predecessor's entries during a handoff. Pairs beyond it are relayed in userspace.
-pub const MAX_JOINED: usize = ferry_common::SPLICE_SOCKETS as usize / 4;
 
 /// One of the two sockets of a joined pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +92,7 @@ impl Splice {
         sockets: SockHash<MapData, u64>,
         peers: HashMap<MapData, u64, SplicePeer>,
         next: HashMap<MapData, u64, u32>,
+        max_joined: u32,
     ) -> Self {
         // Entries a predecessor left stay: during a handoff it still relays its joined connections
         // through them. Those of a killed agent name sockets that died with it; socket cookies are
@@ -107,14 +106,20 @@ impl Splice {
             repeats: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             live: AtomicUsize::new(0),
+            max_joined: max_joined.min(ferry_common::SPLICE_MAX_PAIRS) as usize,
         }
+    }
+
+    /// The most pairs joined at once.
+    pub fn max_joined(&self) -> usize {
+        self.max_joined
     }
 
     /// Joins two established TCP sockets: what `a` receives leaves through `b`, and the other way round.
     /// `quiet` names the socket less likely to receive bytes right now; it goes into the map first.
     ///
     /// Fails without changing anything when the pair cannot be joined (the caller relays in userspace);
-    /// `None` when [`MAX_JOINED`] pairs are joined already.
+    /// `None` when [`Splice::max_joined`] pairs are joined already.
     pub fn join(
         self: &Arc<Self>,
         a: &impl AsRawFd,
@@ -140,7 +145,7 @@ impl Splice {
         if self
             .live
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < MAX_JOINED).then_some(n + 1)
+                (n < self.max_joined).then_some(n + 1)
             })
             .is_err()
         {

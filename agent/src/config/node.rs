@@ -51,7 +51,7 @@ impl Default for Ports {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaptureConfig {
     /// Outbound destination ports never captured.
@@ -68,6 +68,21 @@ pub struct CaptureConfig {
     /// one kernel only, and a data plane must not lose or duplicate bytes to be faster. Needs Linux
     /// 6.6 or later with BTF; otherwise the agent warns and relays in userspace.
     pub fast_path: bool,
+    /// The most same-node pairs joined at once (1 to 16,384, the default); more are relayed in
+    /// userspace. The bound keeps the fast path's maps from evicting a live pair's entry.
+    pub fast_path_max_pairs: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            exclude_ports: Vec::new(),
+            exclude_cidrs: Vec::new(),
+            inbound_exclude_ports: Vec::new(),
+            fast_path: false,
+            fast_path_max_pairs: ferry_common::SPLICE_MAX_PAIRS,
+        }
+    }
 }
 
 /// Where the node's certificate material lives and how long workload certificates last.
@@ -374,6 +389,16 @@ impl NodeConfig {
         raw.hbone
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
+        let max_pairs = raw.capture.fast_path_max_pairs;
+        if !(1..=ferry_common::SPLICE_MAX_PAIRS).contains(&max_pairs) {
+            return Err(invalid(
+                "capture.fast_path_max_pairs",
+                format!(
+                    "{max_pairs} is outside 1..={} (a quarter of the fast path's map entries)",
+                    ferry_common::SPLICE_MAX_PAIRS
+                ),
+            ));
+        }
         let workloads = match (raw.workloads, raw.kubernetes) {
             (Some(file), None) => WorkloadSource::File(abs(file)),
             (None, Some(k)) => WorkloadSource::Kubernetes(KubernetesConfig::validate(
@@ -702,5 +727,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("inbound") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn the_fast_path_pair_cap_defaults_to_its_bound_and_refuses_beyond_it() {
+        let c = parse("node: n1\nworkloads: w\n").unwrap();
+        assert_eq!(c.capture.fast_path_max_pairs, 16_384);
+        let c = parse("node: n1\nworkloads: w\ncapture: {fast_path_max_pairs: 1}\n").unwrap();
+        assert_eq!(c.capture.fast_path_max_pairs, 1);
+        for n in [0, 16_385] {
+            let err = parse(&format!(
+                "node: n1\nworkloads: w\ncapture: {{fast_path_max_pairs: {n}}}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("capture.fast_path_max_pairs") && err.contains("1..=16384"),
+                "{n}: {err}"
+            );
+        }
     }
 }

@@ -356,7 +356,7 @@ impl Pair<'_> {
             Ok(None) => {
                 tracing::debug!(
                     "same-node fast path not used for this connection: {} pairs are joined already",
-                    crate::capture::splice::MAX_JOINED
+                    splice.max_joined()
                 );
                 (None, false)
             }

@@ -316,11 +316,17 @@ fn pairs_beyond_the_cap_are_relayed_in_userspace_and_ended_pairs_give_their_slot
     // Well past the join delay, and with bytes exchanged every 50 ms.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(joined_pairs(&t)?, 1, "the second connection is not joined");
+    assert_eq!(
+        events(&t.n1, "splice_at_cap")?,
+        1,
+        "the second connection is counted"
+    );
     let b = bulk(t.client.command(testapp()), to, 4 << 20, None)?;
     assert!(b.ok && b.intact && b.received == 4 << 20, "{b:?}");
     second.wait_for_output("\"ok\":true", Duration::from_secs(10))?;
     first.wait_for_output("\"ok\":true", Duration::from_secs(10))?;
     wait_joined(&t, 0, "after every connection ended")?;
+    let at_cap = events(&t.n1, "splice_at_cap")?;
 
     // Sequential connections each get the slot the one before gave back.
     for i in 0..3 {
@@ -344,6 +350,11 @@ fn pairs_beyond_the_cap_are_relayed_in_userspace_and_ended_pairs_give_their_slot
     let h = t.world.hold(t.client.command(testapp()), to, 1)?;
     wait_joined(&t, 1, "a connection after the policy closed one")?;
     h.wait_for_output("\"ok\":true", Duration::from_secs(10))?;
+    assert_eq!(
+        events(&t.n1, "splice_at_cap")?,
+        at_cap,
+        "no connection met the cap once a slot was free"
+    );
     Ok(())
 }
 

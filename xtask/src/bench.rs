@@ -674,6 +674,8 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
             "splice_repeat_cut",
             "splice_checked",
             "splice_mismatched",
+            "splice_refused",
+            "splice_at_cap",
         ];
         let mut counts = serde_json::Map::new();
         let mut line = String::from("\nFast path, node n1's agent:");

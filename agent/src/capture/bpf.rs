@@ -447,6 +447,7 @@ impl Capture {
             out.insert("splice_mismatched", mismatched);
             out.insert("splice_repeat_cut", splice.repeats());
             out.insert("splice_refused", splice.refused());
+            out.insert("splice_at_cap", splice.at_cap());
         }
         out
     }

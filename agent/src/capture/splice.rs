@@ -42,6 +42,8 @@ pub struct Splice {
     refused: AtomicU64,
     /// Joined pairs alive now.
     live: AtomicUsize,
+    /// Pairs not joined because `max_joined` were joined already.
+    at_cap: AtomicU64,
     /// The most pairs joined at once (at most [`ferry_common::SPLICE_MAX_PAIRS`]); pairs beyond it
     /// are relayed in userspace.
     max_joined: usize,
@@ -106,6 +108,7 @@ impl Splice {
             repeats: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             live: AtomicUsize::new(0),
+            at_cap: AtomicU64::new(0),
             max_joined: max_joined.min(ferry_common::SPLICE_MAX_PAIRS) as usize,
         }
     }
@@ -149,6 +152,7 @@ impl Splice {
             })
             .is_err()
         {
+            self.at_cap.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
         let mut joined = Joined {
@@ -227,6 +231,11 @@ impl Splice {
     /// [`Joined::record_refused`]).
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Pairs relayed in userspace because [`Splice::max_joined`] pairs were joined already.
+    pub fn at_cap(&self) -> u64 {
+        self.at_cap.load(Ordering::Relaxed)
     }
 }
 

@@ -444,7 +444,7 @@ pub fn run(bins: &Bins, target_dir: &Path, opts: Options) -> Result<()> {
             bins.ferry.display()
         ),
     );
-    let mut b = setup(bin, opts.fast_path)?;
+    let mut b = setup(bin, opts.fast_path, opts.reference)?;
     // Memory of agents that have carried nothing yet, for comparison with idle after traffic.
     let fresh: Vec<Rss> = b.agents.iter().map(|a| rss(a.pid)).collect::<Result<_>>()?;
     progress(started, "world ready; request/response latency");
@@ -792,7 +792,7 @@ fn size_name(size: u64) -> String {
     }
 }
 
-fn setup(bin: PathBuf, fast_path: bool) -> Result<Bench> {
+fn setup(bin: PathBuf, fast_path: bool, reference: bool) -> Result<Bench> {
     let mut world = World::new()?;
     let n1 = world.add_node("n1", 1, true)?;
     let n2 = world.add_node("n2", 2, true)?;
@@ -862,10 +862,15 @@ fn setup(bin: PathBuf, fast_path: bool) -> Result<Bench> {
     }
     // The reference relays: where the agents' sockets are, on the plain pods' path.
     let mut relays = Vec::new();
-    for (pod, pairs) in [
-        (&plain.client, relay_pairs_client(&plain)),
-        (&plain.remote, relay_pairs_remote(&plain)),
-    ] {
+    let pods = if reference {
+        vec![
+            (&plain.client, relay_pairs_client(&plain)),
+            (&plain.remote, relay_pairs_remote(&plain)),
+        ]
+    } else {
+        Vec::new()
+    };
+    for (pod, pairs) in pods {
         let mut cmd = pod.command(&bin);
         cmd.arg("relay").args(pairs);
         let r = world.spawn(cmd, &format!("relay-{}", pod.name))?;

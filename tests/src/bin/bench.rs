@@ -406,18 +406,11 @@ fn serve(args: &[String]) -> Res<()> {
     Ok(())
 }
 
-fn serve_echo(mut c: TcpStream) {
+/// Echoes what `c` sends until its end, then ends its own side.
+fn serve_echo(c: TcpStream) {
     let _ = c.set_nodelay(true);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match c.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if c.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        }
+    if let Ok(w) = c.try_clone() {
+        pump(c, w);
     }
 }
 

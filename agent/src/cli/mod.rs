@@ -280,6 +280,7 @@ fn run(
         cfg = cfg.with_node_name(name)?;
     }
     raise_nofile_limit();
+    crate::heap::one_arena();
     let object = ebpf_object
         .map(|p| {
             std::fs::read(&p)

@@ -261,7 +261,7 @@ pub async fn run(cfg: NodeConfig, ebpf_object: Option<Vec<u8>>) -> Result<(), Da
     view.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     // Start-up (loading the eBPF object, minting certificates, the first enrollment) leaves freed
     // heap that glibc would otherwise keep for good: 1.8 MB of an idle agent's 3.3 MB.
-    let released = crate::tunnel::conns::release_free_heap();
+    let released = crate::heap::release_free();
     tracing::debug!(
         released,
         "gave the start-up's freed heap back to the kernel"

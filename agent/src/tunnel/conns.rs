@@ -139,7 +139,7 @@ impl ConnTable {
     /// Gives the heap memory of closed connections back to the kernel once at most half of the peak
     /// is still open, or once the agent falls quiet after carrying anything (no connection open and
     /// none opened since the last tick: a few connections can leave megabytes behind, a bulk
-    /// stream's grown buffers). glibc's allocator keeps freed memory of its per-thread arenas
+    /// stream's grown buffers). glibc's allocator keeps freed memory
     /// otherwise, so the agent's RSS would stay at its peak. Called from a periodic tick; returns
     /// whether it gave memory back.
     pub fn release_memory_if_shrunk(&self) -> bool {
@@ -177,18 +177,8 @@ impl ConnTable {
 }
 
 fn trim(live: usize, peak: usize) {
-    let released = release_free_heap();
+    let released = crate::heap::release_free();
     tracing::debug!(live, peak, released, "gave freed heap back to the kernel");
-}
-
-/// Returns the allocator's free memory to the kernel; true when there was some to return.
-pub fn release_free_heap() -> bool {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim has no preconditions; it only returns free memory to the kernel.
-    let released = unsafe { libc::malloc_trim(0) } == 1;
-    #[cfg(not(target_env = "gnu"))]
-    let released = false;
-    released
 }
 
 #[cfg(test)]

@@ -139,9 +139,9 @@ impl ConnTable {
     /// Gives the heap memory of closed connections back to the kernel once at most half of the peak
     /// is still open, or once the agent falls quiet after carrying anything (no connection open and
     /// none opened since the last tick: a few connections can leave megabytes behind, a bulk
-    /// stream's grown buffers). glibc's allocator keeps freed memory
-    /// otherwise, so the agent's RSS would stay at its peak. Called from a periodic tick; returns
-    /// whether it gave memory back.
+    /// stream's grown buffers). glibc's allocator keeps freed memory otherwise, so the agent's RSS
+    /// would stay at its peak (see [`crate::heap`]). Called from a periodic tick; returns whether it
+    /// gave memory back.
     pub fn release_memory_if_shrunk(&self) -> bool {
         let opened = self.next.load(Ordering::Relaxed);
         let quiet = self.opened_at_tick.swap(opened, Ordering::Relaxed) == opened;
